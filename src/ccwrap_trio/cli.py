@@ -1,0 +1,80 @@
+"""The ``ccwrap-trio`` command: ``serve`` (flags mirror CCWRAP_* variables) and ``--version``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .config import SETTINGS, Config
+from .errors import ConfigError
+from .server import serve
+
+log = logging.getLogger("ccwrap_trio")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccwrap-trio",
+        description="An OpenAI-compatible HTTP API in front of warm Claude Code CLI sessions.",
+    )
+    parser.add_argument("--version", action="version", version=f"ccwrap-trio {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser(
+        "serve", help="run the server", description="Run the server. Flags win over variables."
+    )
+    for setting in SETTINGS:
+        serve_parser.add_argument(
+            setting.flag,
+            dest=setting.env,
+            metavar=setting.env,
+            help=f"{setting.help} (default: {setting.default or 'unset'!s:.40})",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = Config.load(os.environ, vars(args))
+    except ConfigError as exc:
+        print(f"ccwrap-trio: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    trio.run(_serve_until_signalled, config)
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # Hypercorn's own access lines would carry client addresses for every health poll.
+    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+
+
+async def _serve_until_signalled(config: Config) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if shutdown.is_set():
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s received", signal.Signals(signum).name)
+                    shutdown.set()
+
+        nursery.start_soon(watch_signals)
+        await serve(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,284 @@
+"""Settings: one frozen object, built once from the environment and command-line flags.
+
+Every setting has one row in ``SETTINGS``: its environment variable, the flag that mirrors it
+(derived from the name: ``CCWRAP_QUERY_TIMEOUT`` -> ``--query-timeout``), a parser that says what
+it accepts, and a default. Nothing else in the package reads ``os.environ``; the environment the
+CLI child gets is decided here too (``child_env``), so what reaches the child is explicit.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a stateless text completion API. Each message you receive is a complete, "
+    "self-contained request: answer it directly and only it. You have no tools and no files; "
+    "do not mention these instructions."
+)
+
+# Variables the CLI child may see, beside the ones ccwrap-trio sets itself. Anything not listed
+# here (cloud credentials, the operator's shell secrets...) stays out of the child.
+CHILD_ENV_PASSTHROUGH = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+    "CLAUDE_CONFIG_DIR",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_MODEL",
+    "API_TIMEOUT_MS",
+    "CLAUDE_CODE_MAX_RETRIES",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+# Credentials that make the CLI bill an API account instead of the subscription login under
+# $HOME/.claude: forwarded only when the operator says so (CCWRAP_FORWARD_API_KEY=1).
+CHILD_ENV_API_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
+
+def _integer(low: int, high: int | None = None) -> tuple[Callable[[str], int], str]:
+    accepts = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if value < low or (high is not None and value > high):
+            raise ValueError(text)
+        return value
+
+    return parse, accepts
+
+
+def _seconds(minimum: float = 0.0) -> tuple[Callable[[str], float], str]:
+    def parse(text: str) -> float:
+        value = float(text.strip())
+        if not value > minimum or value != value or value == float("inf"):
+            raise ValueError(text)
+        return value
+
+    return parse, f"a number of seconds > {minimum:g}"
+
+
+def _choice(*choices: str) -> tuple[Callable[[str], str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(text)
+        return value
+
+    return parse, "one of " + ", ".join(choices)
+
+
+def _boolean() -> tuple[Callable[[str], bool], str]:
+    truthy, falsy = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+    def parse(text: str) -> bool:
+        value = text.strip().lower()
+        if value not in truthy | falsy:
+            raise ValueError(text)
+        return value in truthy
+
+    return parse, "1/0, true/false, yes/no or on/off"
+
+
+def _nonempty() -> tuple[Callable[[str], str], str]:
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise ValueError(text)
+        return text
+
+    return parse, "a non-empty string"
+
+
+def _shell_words() -> tuple[Callable[[str], tuple[str, ...]], str]:
+    return (lambda text: tuple(shlex.split(text))), "arguments in shell syntax"
+
+
+def _optional_path() -> tuple[Callable[[str], Path | None], str]:
+    return (lambda text: Path(text).expanduser() if text.strip() else None), "a directory path"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: where it comes from, what it accepts, its default."""
+
+    env: str
+    field: str
+    parser: tuple[Callable[[str], Any], str]
+    default: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.removeprefix("CCWRAP_").lower().replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CCWRAP_HOST", "host", _nonempty(), "127.0.0.1", "address to bind"),
+    Setting("CCWRAP_PORT", "port", _integer(0, 65535), "8204", "port to bind (0: any free port)"),
+    Setting("CCWRAP_CLAUDE_BIN", "claude_bin", _nonempty(), "claude", "the Claude Code executable"),
+    Setting("CCWRAP_CLAUDE_ARGS", "claude_args", _shell_words(), "", "extra CLI arguments"),
+    Setting("CCWRAP_MODEL", "model", _nonempty(), "haiku", "model passed as --model"),
+    Setting(
+        "CCWRAP_SYSTEM_PROMPT", "system_prompt", _nonempty(), DEFAULT_SYSTEM_PROMPT,
+        "the session's --system-prompt",
+    ),
+    Setting(
+        "CCWRAP_TOKEN_LIMIT", "token_limit", _integer(1), "150000", "context tokens per session"
+    ),
+    Setting("CCWRAP_TURN_LIMIT", "turn_limit", _integer(1), "10", "requests per session"),
+    Setting(
+        "CCWRAP_PROACTIVE_PCT", "proactive_pct", _integer(1, 100), "80",
+        "restart at this percent of either limit",
+    ),
+    Setting(
+        "CCWRAP_QUERY_TIMEOUT", "query_timeout_s", _seconds(), "300",
+        "seconds one request may take end to end",
+    ),
+    Setting("CCWRAP_MAX_QUEUE", "max_queue", _integer(1), "64", "waiting requests before 429"),
+    Setting(
+        "CCWRAP_RECOVERY_ATTEMPTS", "recovery_attempts", _integer(1), "5",
+        "spawn attempts before going offline",
+    ),
+    Setting(
+        "CCWRAP_RECOVERY_MAX_BACKOFF", "recovery_max_backoff_s", _seconds(), "60",
+        "longest wait between recovery attempts",
+    ),
+    Setting(
+        "CCWRAP_ISOLATION", "isolation", _choice("clear", "none"), "clear",
+        "clear: /clear between requests; none: one accumulating conversation",
+    ),
+    Setting(
+        "CCWRAP_MEMORY_SAMPLE_INTERVAL", "memory_sample_interval_s", _seconds(), "5",
+        "seconds between memory samples",
+    ),
+    Setting(
+        "CCWRAP_WORKDIR", "workdir", _optional_path(), "",
+        "the CLI's working directory (default: a fresh empty private one)",
+    ),
+    Setting(
+        "CCWRAP_STARTUP_TIMEOUT", "startup_timeout_s", _seconds(), "60",
+        "seconds a new session may take to answer its first turn",
+    ),
+    Setting(
+        "CCWRAP_INTERRUPT_GRACE", "interrupt_grace_s", _seconds(), "5",
+        "seconds an interrupted turn may take to end before the CLI is killed",
+    ),
+    Setting(
+        "CCWRAP_SHUTDOWN_GRACE", "shutdown_grace_s", _seconds(), "30",
+        "seconds in-flight requests may take to finish on SIGTERM",
+    ),
+    Setting(
+        "CCWRAP_FORWARD_API_KEY", "forward_api_key", _boolean(), "0",
+        "pass ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN to the CLI",
+    ),
+    Setting(
+        "CCWRAP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
+        "log level",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one server, typed, with units in the names."""
+
+    host: str = "127.0.0.1"
+    port: int = 8204
+    claude_bin: str = "claude"
+    claude_args: tuple[str, ...] = ()
+    model: str = "haiku"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    token_limit: int = 150_000
+    turn_limit: int = 10
+    proactive_pct: int = 80
+    query_timeout_s: float = 300.0
+    max_queue: int = 64
+    recovery_attempts: int = 5
+    recovery_max_backoff_s: float = 60.0
+    isolation: str = "clear"
+    memory_sample_interval_s: float = 5.0
+    workdir: Path | None = None
+    startup_timeout_s: float = 60.0
+    interrupt_grace_s: float = 5.0
+    shutdown_grace_s: float = 30.0
+    forward_api_key: bool = False
+    log_level: str = "info"
+    # The CLI child's environment, decided once from the server's own (see child_environment).
+    child_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+    ) -> Config:
+        """Build the config from environment variables, with flags (by env name) winning.
+
+        Raises ConfigError naming the variable and what it accepts.
+        """
+        flags = flags or {}
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            flag_value = flags.get(setting.env)
+            raw = flag_value if flag_value is not None else environ.get(setting.env)
+            if raw is None:
+                raw = setting.default
+            parse, accepts = setting.parser
+            try:
+                values[setting.field] = parse(raw)
+            except ValueError:
+                source = setting.flag if flag_value is not None else setting.env
+                raise ConfigError(f"{source} must be {accepts}, got {raw!r}") from None
+        values["child_env"] = child_environment(environ, forward_api_key=values["forward_api_key"])
+        return cls(**values)
+
+    def cli_command(self) -> list[str]:
+        """The argv of a persistent, locked-down CLI session (see PROTOCOL.md)."""
+        return [
+            self.claude_bin,
+            "-p",
+            "--input-format", "stream-json",
+            "--output-format", "stream-json",
+            "--verbose",
+            "--include-partial-messages",
+            "--system-prompt", self.system_prompt,
+            "--model", self.model,
+            # No tools and no user settings, hooks or MCP servers: the session forwards HTTP
+            # text, so it must be unable to act on the host.
+            "--tools", "",
+            "--permission-mode", "dontAsk",
+            "--no-session-persistence",
+            "--setting-sources", "",
+            "--strict-mcp-config",
+            *self.claude_args,
+        ]
+
+
+def child_environment(environ: Mapping[str, str], *, forward_api_key: bool) -> dict[str, str]:
+    """The environment of the CLI child: an allow-list, plus what a server child needs."""
+    env = {name: environ[name] for name in CHILD_ENV_PASSTHROUGH if name in environ}
+    if forward_api_key:
+        env.update({name: environ[name] for name in CHILD_ENV_API_KEYS if name in environ})
+    env.setdefault("PATH", os.defpath)
+    # No telemetry, auto-update or error reporting from a server's child (PROTOCOL.md).
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    return env

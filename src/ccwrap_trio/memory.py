@@ -1,0 +1,115 @@
+"""The memory sampler: server RSS/VMS and the CLI process tree's RSS, into a ring buffer.
+
+The CLI child is what grows in long-lived sessions, so it is measured with its whole process tree,
+not only the Python server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import psutil
+import trio
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+# 120 samples: ten minutes at the default 5 s interval, enough for a trend, small to keep.
+WINDOW = 120
+
+_self = psutil.Process(os.getpid())
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    at: float  # trio clock, seconds
+    rss_mb: float
+    vms_mb: float
+    cli_rss_mb: float
+
+
+def server_rss_mb() -> float:
+    rss: int = _self.memory_info().rss
+    return rss / MB
+
+
+def process_tree_rss_mb(pids: Iterable[int]) -> float:
+    """Resident memory of these processes and all their descendants, in MB."""
+    total = 0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for process in tree:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                continue  # exited between the listing and the reading
+    return total / MB
+
+
+def take_sample(cli_pids: Iterable[int], at: float) -> MemorySample:
+    info = _self.memory_info()
+    return MemorySample(at, info.rss / MB, info.vms / MB, process_tree_rss_mb(cli_pids))
+
+
+def trend_mb_per_min(samples: Iterable[MemorySample]) -> float:
+    """Least-squares slope of server RSS over time, in MB per minute (0 with under 2 samples)."""
+    points = [(s.at, s.rss_mb) for s in samples]
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / n
+    mean_m = sum(m for _, m in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    cov = sum((t - mean_t) * (m - mean_m) for t, m in points)
+    return cov / var * 60.0
+
+
+class MemorySampler:
+    """Samples every ``interval_s`` seconds, without drift, into a ring buffer of ``WINDOW``."""
+
+    def __init__(
+        self, interval_s: float, cli_pids: Callable[[], list[int]], window: int = WINDOW
+    ) -> None:
+        self._interval_s = interval_s
+        self._cli_pids = cli_pids
+        self.samples: deque[MemorySample] = deque(maxlen=window)
+
+    def __repr__(self) -> str:
+        return f"<MemorySampler samples={len(self.samples)} interval={self._interval_s}s>"
+
+    @property
+    def latest(self) -> MemorySample:
+        if self.samples:
+            return self.samples[-1]
+        return take_sample(self._cli_pids(), trio.current_time())
+
+    @property
+    def trend_mb_per_min(self) -> float:
+        return trend_mb_per_min(self.samples)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        start = trio.current_time()
+        await self._sample()
+        task_status.started()
+        tick = 1
+        while True:
+            await trio.sleep_until(start + tick * self._interval_s)
+            tick += 1
+            await self._sample()
+
+    async def _sample(self) -> None:
+        pids = self._cli_pids()
+        at = trio.current_time()
+        # /proc reads are quick but blocking; keep them off the event loop.
+        sample = await trio.to_thread.run_sync(take_sample, pids, at)
+        self.samples.append(sample)

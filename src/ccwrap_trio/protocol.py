@@ -1,0 +1,176 @@
+"""The CLI's stream-json lines, in and out: pure functions, no I/O.
+
+Built against PROTOCOL.md and the captures of Claude Code 2.1.332. Output lines this module does not
+know are reported as ``Other`` and skipped by the session: new CLI versions add line types freely.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one turn, as the CLI's ``result`` line reports them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """What OpenAI calls prompt tokens: every input token, cached or not."""
+        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
+    @property
+    def context_tokens(self) -> int:
+        """The conversation's size after this turn: everything sent plus the answer."""
+        return self.prompt_tokens + self.output_tokens
+
+    @classmethod
+    def from_json(cls, data: Any) -> Usage:
+        if not isinstance(data, dict):
+            return cls()
+        return cls(**{name: _count(data.get(name)) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """The end of one turn: the CLI's ``result`` line."""
+
+    text: str
+    is_error: bool
+    subtype: str
+    usage: Usage
+    terminal_reason: str | None = None
+    api_error_status: int | None = None
+    local_command: str | None = None
+    duration_ms: int = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.terminal_reason == "aborted_streaming"
+
+
+@dataclass(frozen=True)
+class Init:
+    """``system/init``, sent at the start of every turn: what the session really is."""
+
+    session_id: str
+    model: str
+    cli_version: str
+    tools: tuple[str, ...]
+    mcp_servers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of answer text from a partial-message stream event."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Other:
+    """Any line this module has no use for (status, retries, replays, unknown types)."""
+
+    type: str
+
+
+@dataclass(frozen=True)
+class NotJson:
+    """A line that is not a JSON object: logged and skipped, never fatal by itself."""
+
+    raw: str
+
+
+Event = TurnResult | Init | TextDelta | Other | NotJson
+
+
+def parse_line(raw: bytes | str) -> Event:
+    """Classify one line of the CLI's stdout."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        return NotJson(text.rstrip("\r\n"))
+    if not isinstance(message, dict):
+        return NotJson(str(raw)[:200])
+    kind = message.get("type")
+    if kind == "result":
+        return _result(message)
+    if kind == "stream_event":
+        event = message.get("event")
+        if isinstance(event, dict) and event.get("type") == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                return TextDelta(str(delta.get("text", "")))
+        return Other("stream_event")
+    if kind == "system" and message.get("subtype") == "init":
+        return Init(
+            session_id=str(message.get("session_id", "")),
+            model=str(message.get("model", "")),
+            cli_version=str(message.get("claude_code_version", "")),
+            tools=tuple(_names(message.get("tools"))),
+            mcp_servers=tuple(_names(message.get("mcp_servers"))),
+        )
+    return Other(str(kind))
+
+
+def user_line(content: str | list[dict[str, Any]]) -> bytes:
+    """One user turn: ``content`` is a string or Messages API content blocks."""
+    return _line({"type": "user", "message": {"role": "user", "content": content}})
+
+
+def interrupt_line(request_id: str) -> bytes:
+    """The control request that aborts the running turn; the process stays usable."""
+    return _line(
+        {"type": "control_request", "request_id": request_id, "request": {"subtype": "interrupt"}}
+    )
+
+
+
+def _result(message: dict[str, Any]) -> TurnResult:
+    status = message.get("api_error_status")
+    local = message.get("local_command")
+    text = message.get("result")
+    if not isinstance(text, str):
+        # An interrupted turn has no "result"; its "errors" say what happened.
+        errors = message.get("errors")
+        text = "; ".join(map(str, errors)) if isinstance(errors, list) and message.get(
+            "is_error"
+        ) else ""
+    return TurnResult(
+        text=text,
+        is_error=bool(message.get("is_error")),
+        subtype=str(message.get("subtype", "")),
+        usage=Usage.from_json(message.get("usage")),
+        terminal_reason=message.get("terminal_reason") if isinstance(
+            message.get("terminal_reason"), str
+        ) else None,
+        api_error_status=status if isinstance(status, int) else None,
+        local_command=local if isinstance(local, str) else None,
+        duration_ms=_count(message.get("duration_ms")),
+    )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _names(items: Any) -> list[str]:
+    if not isinstance(items, list):
+        return []
+    return [str(item.get("name", item)) if isinstance(item, dict) else str(item) for item in items]
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    # ensure_ascii keeps every line pure ASCII: no byte of a prompt can end the line early.
+    return json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+# Resets the conversation in-process with no API call; answered by a result with num_turns 0.
+CLEAR_LINE = user_line("/clear")

@@ -1,0 +1,288 @@
+"""One Claude Code CLI child in persistent stream-json mode: spawn, ask, interrupt, close.
+
+The child belongs to the task that enters ``open_session``: leaving that ``async with`` always
+ends and reaps it (stdin closed, then SIGTERM, then SIGKILL), whatever cancelled the task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import subprocess
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import protocol
+from .errors import SessionCrashed, SpawnFailed
+
+log = logging.getLogger(__name__)
+
+# A line longer than this is a protocol failure, not an answer to buffer without end.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+# Closing stdin ends an idle CLI in ~100 ms, SIGTERM in ~60 ms (PROTOCOL.md); wait a little longer.
+EXIT_GRACE_S = 2.0
+
+OnDelta = Callable[[str], Awaitable[None]]
+
+_interrupt_ids = itertools.count(1)
+
+
+class LineReader:
+    """Splits a byte stream into lines; the partial tail waits for the next read."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, max_line: int = MAX_LINE_BYTES) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._max_line = max_line
+        self._searched = 0
+
+    async def readline(self) -> bytes | None:
+        """The next line without its newline, or None at end of stream."""
+        while True:
+            index = self._buffer.find(b"\n", self._searched)
+            if index >= 0:
+                line = bytes(self._buffer[:index])
+                del self._buffer[: index + 1]
+                self._searched = 0
+                return line
+            self._searched = len(self._buffer)
+            if len(self._buffer) > self._max_line:
+                raise SessionCrashed(f"CLI wrote a line over {self._max_line} bytes")
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                if self._buffer:
+                    line, self._buffer = bytes(self._buffer), bytearray()
+                    return line
+                return None
+            self._buffer += chunk
+
+
+class Session:
+    """A live CLI process and what it has done since spawn. Made by ``open_session``."""
+
+    def __init__(self, process: trio.Process, stderr_tail: deque[str]) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self._process = process
+        self._stdin = process.stdin
+        self._lines = LineReader(process.stdout)
+        self._stderr_tail = stderr_tail
+        self._busy = False
+        self.exited = trio.Event()
+        self.started_at = trio.current_time()
+        self.turns = 0
+        self.tokens = 0
+        self.model = ""
+        self.cli_version = ""
+        self.tools: tuple[str, ...] = ()
+        self.mcp_servers: tuple[str, ...] = ()
+        # Set when the protocol is out of step (a cancelled read, an undrained interrupt): the
+        # owner must not send another turn, only close the session.
+        self.broken: str | None = None
+
+    def __repr__(self) -> str:
+        state = "dead" if self.exited.is_set() else "busy" if self._busy else "ready"
+        return f"<Session pid={self.pid} {state} turns={self.turns} tokens={self.tokens}>"
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    @property
+    def alive(self) -> bool:
+        return self.broken is None and not self.exited.is_set()
+
+    def describe_exit(self) -> str:
+        tail = " | ".join(self._stderr_tail)
+        code = self._process.returncode
+        what = f"CLI exited with code {code}" if code is not None else "CLI stopped answering"
+        return f"{what}; stderr: {tail}" if tail else what
+
+    async def ask(
+        self, content: str | list[dict[str, Any]], on_delta: OnDelta | None = None
+    ) -> protocol.TurnResult:
+        """Send one user turn and read lines until its ``result``; count it as a turn.
+
+        Raises SessionCrashed if the child dies or breaks the protocol. If cancelled, the session
+        is marked broken unless the caller interrupts and drains it (``interrupt``).
+        """
+        result = await self._turn(protocol.user_line(content), on_delta)
+        self.turns += 1
+        if result.usage.context_tokens > 0:
+            self.tokens = result.usage.context_tokens
+        return result
+
+    async def clear(self) -> None:
+        """Reset the conversation in-process (``/clear``: no API call, ~70 ms)."""
+        result = await self._turn(protocol.CLEAR_LINE, None)
+        if result.is_error:
+            raise SessionCrashed(f"/clear failed: {result.text}")
+        self.tokens = 0
+
+    async def interrupt(self) -> bool:
+        """Abort the running turn and read to its ``result``; True if the session is usable.
+
+        Call it with the turn's reader cancelled; it bounds itself by nothing, so callers wrap it
+        in a deadline (and a shield when cancellation got them here).
+        """
+        request_id = f"ccwrap_int_{next(_interrupt_ids)}"
+        try:
+            await self._stdin.send_all(protocol.interrupt_line(request_id))
+            while True:
+                event = await self._read_event()
+                if isinstance(event, protocol.TurnResult):
+                    self.broken = None
+                    self._busy = False
+                    return True
+        except (SessionCrashed, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def _turn(self, line: bytes, on_delta: OnDelta | None) -> protocol.TurnResult:
+        if not self.alive:
+            raise SessionCrashed(self.broken or self.describe_exit())
+        self._busy = True
+        # Until the result is read, a cancellation leaves the stream out of step.
+        self.broken = "a turn was cancelled before its result"
+        try:
+            await self._stdin.send_all(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.broken = "stdin closed"
+            raise SessionCrashed(self.describe_exit()) from exc
+        while True:
+            event = await self._read_event()
+            if isinstance(event, protocol.TurnResult):
+                self.broken = None
+                self._busy = False
+                return event
+            if isinstance(event, protocol.TextDelta) and on_delta is not None and event.text:
+                await on_delta(event.text)
+
+    async def _read_event(self) -> protocol.Event:
+        line = await self._lines.readline()
+        if line is None:
+            self.broken = "stdout closed"
+            # Give the exit status a moment to land so the error can say it.
+            with trio.move_on_after(0.5):
+                await self.exited.wait()
+            raise SessionCrashed(self.describe_exit())
+        event = protocol.parse_line(line)
+        if isinstance(event, protocol.NotJson):
+            if event.raw.strip():
+                log.warning("[WARN] CLI wrote a non-JSON line, skipped: %.200s", event.raw)
+                self._stderr_tail.append(f"stdout: {event.raw[:200]}")
+        elif isinstance(event, protocol.Init):
+            self.model = event.model
+            self.cli_version = event.cli_version
+            self.tools = event.tools
+            self.mcp_servers = event.mcp_servers
+        return event
+
+    async def _terminate(self) -> None:
+        """End the child for good: stdin EOF, then SIGTERM, then SIGKILL. Always reaps."""
+        process = self._process
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                await self._stdin.aclose()
+                with trio.move_on_after(EXIT_GRACE_S):
+                    await process.wait()
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(EXIT_GRACE_S):
+                    await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    await stream.aclose()
+
+
+@asynccontextmanager
+async def open_session(
+    command: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    startup_timeout_s: float,
+) -> AsyncIterator[Session]:
+    """Spawn the CLI, wait until it answers a first (``/clear``) turn, and own it until exit.
+
+    Raises SpawnFailed if the binary cannot be started, or the child dies, talks no stream-json or
+    stays silent for ``startup_timeout_s`` before that first answer.
+    """
+    try:
+        process = await trio.lowlevel.open_process(
+            list(command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(cwd),
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not the child's
+        )
+    except OSError as exc:
+        raise SpawnFailed(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
+    stderr_tail: deque[str] = deque(maxlen=5)
+    session = Session(process, stderr_tail)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain_stderr, process, stderr_tail)
+            nursery.start_soon(_watch_exit, process, session.exited)
+            try:
+                await _warm_up(session, startup_timeout_s)
+                log.debug("session %r started", session)
+                yield session
+            finally:
+                await session._terminate()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The helper tasks never raise, so a group holds the body's one exception: the nursery
+        # is this function's detail, and callers catch SpawnFailed, not a group of it.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
+    finally:
+        # Also covers a failure before the nursery existed.
+        if process.returncode is None:
+            await session._terminate()
+
+
+async def _warm_up(session: Session, startup_timeout_s: float) -> None:
+    """The first turn proves the child speaks stream-json, and reads its version and model."""
+    try:
+        with trio.fail_after(startup_timeout_s):
+            await session.clear()
+    except trio.TooSlowError as exc:
+        raise SpawnFailed(
+            f"no answer within {startup_timeout_s:g}s of spawn; {session.describe_exit()}"
+        ) from exc
+    except SessionCrashed as exc:
+        raise SpawnFailed(f"died at start: {exc}") from exc
+
+
+async def _drain_stderr(process: trio.Process, tail: deque[str]) -> None:
+    # An unread stderr pipe fills and blocks the child; keep the last lines to explain a death.
+    assert process.stderr is not None
+    reader = LineReader(process.stderr, max_line=1 << 20)
+    try:
+        while (line := await reader.readline()) is not None:
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                tail.append(text[:300])
+                log.debug("CLI stderr: %s", text[:300])
+    except (trio.ClosedResourceError, trio.BrokenResourceError, SessionCrashed):
+        pass
+
+
+async def _watch_exit(process: trio.Process, exited: trio.Event) -> None:
+    await process.wait()
+    exited.set()

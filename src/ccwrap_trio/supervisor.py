@@ -1,0 +1,548 @@
+"""The restart supervisor: the query channel, the worker that owns the CLI session, the policy.
+
+``Supervisor.query`` is the front door: it puts a ``Query`` (carrying its own reply channel) into a
+bounded memory channel and waits for the reply. A ``SessionWorker`` is the only receiver: it owns
+one CLI session at a time and, between two queries, decides whether that session must be replaced
+(thresholds, crash, undrained interrupt). Restart is a loop, never recursion; recovery state is
+plain data. Several workers may drain the same channel (a pool); this release runs one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from . import protocol
+from .config import Config
+from .errors import (
+    CcwrapError,
+    CliError,
+    ContextLengthExceeded,
+    EmptyResponse,
+    QueryTimeout,
+    QueueFull,
+    SessionCrashed,
+    SessionUnavailable,
+    ShuttingDown,
+    SpawnFailed,
+)
+from .memory import process_tree_rss_mb, server_rss_mb
+
+log = logging.getLogger(__name__)
+
+Content = str | list[dict[str, Any]]
+OnDelta = Callable[[str], Awaitable[None]]
+
+
+class SessionLike(Protocol):
+    """What a worker needs of a session; ``session.Session`` and the tests' fakes provide it."""
+
+    turns: int
+    tokens: int
+    model: str
+    cli_version: str
+    started_at: float
+    exited: trio.Event
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def broken(self) -> str | None: ...
+
+    def describe_exit(self) -> str: ...
+
+    async def ask(
+        self, content: Content, on_delta: OnDelta | None = None
+    ) -> protocol.TurnResult: ...
+
+    async def clear(self) -> None: ...
+
+    async def interrupt(self) -> bool: ...
+
+
+SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
+
+
+@dataclass(eq=False)
+class Query:
+    """One request on its way to a session, with the channel its reply comes back on."""
+
+    content: Content
+    request_id: str
+    arrived_at: float
+    deadline: float
+    reply: trio.MemorySendChannel[protocol.TextDelta | protocol.TurnResult | CcwrapError]
+    stream: bool = False
+    # Cancelled when the client gives up (timeout, disconnect): the worker interrupts the turn.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    abandoned: str | None = None
+
+    def abandon(self, why: str) -> None:
+        self.abandoned = why
+        self.scope.cancel()
+
+
+@dataclass
+class Counters:
+    """Monotonic counts, shared by the front door and every worker."""
+
+    total_requests: int = 0
+    successes: int = 0
+    total_errors: int = 0
+    rejected: int = 0
+    restart_count: int = 0
+    proactive_restarts: int = 0
+    hard_restarts: int = 0
+    crash_restarts: int = 0
+    timeout_restarts: int = 0
+    recovery_attempts: int = 0
+    timeouts: int = 0
+    empty_retries: int = 0
+    disconnects: int = 0
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Why a session is being replaced: kind is proactive, hard, crash or timeout."""
+
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class WorkerStatistics:
+    status: str
+    connected: bool
+    busy: bool
+    pid: int | None
+    tokens: int
+    turns: int
+    uptime_s: float
+    model: str
+    cli_version: str
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A frozen snapshot of the supervisor: /health renders it and computes nothing."""
+
+    status: str
+    invoker_connected: bool
+    active_queries: int
+    queued: int
+    tokens: int
+    turns: int
+    token_limit: int
+    turn_limit: int
+    counters: Counters
+    sessions: tuple[WorkerStatistics, ...]
+
+    @property
+    def token_pct(self) -> float:
+        return round(100.0 * self.tokens / self.token_limit, 1)
+
+    @property
+    def turn_pct(self) -> float:
+        return round(100.0 * self.turns / self.turn_limit, 1)
+
+
+class SessionWorker:
+    """Owns one CLI session at a time: serves queries, restarts, recovers. Started by Supervisor."""
+
+    def __init__(
+        self,
+        config: Config,
+        open_session: SessionFactory,
+        receive: trio.MemoryReceiveChannel[Query],
+        counters: Counters,
+    ) -> None:
+        self._config = config
+        self._open_session = open_session
+        self._receive = receive
+        self._counters = counters
+        self.status = "starting"
+        self.session: SessionLike | None = None
+        self.active: Query | None = None
+
+    def __repr__(self) -> str:
+        return f"<SessionWorker {self.status} session={self.session!r}>"
+
+    def statistics(self) -> WorkerStatistics:
+        session = self.session
+        connected = session is not None and session.alive and self.status == "healthy"
+        return WorkerStatistics(
+            status=self.status,
+            connected=connected,
+            busy=self.active is not None,
+            pid=session.pid if session is not None else None,
+            tokens=session.tokens if session is not None else 0,
+            turns=session.turns if session is not None else 0,
+            uptime_s=trio.current_time() - session.started_at if session is not None else 0.0,
+            model=session.model if session is not None else "",
+            cli_version=session.cli_version if session is not None else "",
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Spawn, serve until the session must go, replace it; back off while spawns fail."""
+        task_status.started()
+        failures = 0  # consecutive failed spawns
+        pending: Query | None = None  # a query whose session died before it could run
+        restart: Restart | None = None
+        memory_before = 0.0
+        while True:
+            if failures:
+                await self._back_off(failures)
+            try:
+                async with self._open_session() as session:
+                    failures = 0
+                    self.session = session
+                    self.status = "healthy"
+                    if restart is not None:
+                        after = server_rss_mb()
+                        log.info(
+                            "[RESTART] Memory after: %.1f MB (delta: %+.1f MB) pid=%d",
+                            after, after - memory_before, session.pid,
+                        )
+                    restart, pending = await self._serve(session, pending)
+                    self.status = "restarting"
+                    memory_before = server_rss_mb()
+                    self._count_restart(restart)
+                    log.info(
+                        "[RESTART] Memory before: %.1f MB (cli %.1f MB)",
+                        memory_before, process_tree_rss_mb([session.pid]),
+                    )
+            except SpawnFailed as exc:
+                failures += 1
+                log.error("[RESTART] FAILED: %s", exc)
+                if failures <= self._config.recovery_attempts:
+                    self.status = "restarting"
+                elif self.status != "offline":
+                    self.status = "offline"
+                    # Nobody may wait for a session that is not coming: answer all that waits.
+                    if pending is not None:
+                        self._reply(pending, SessionUnavailable("no CLI session: recovery failed"))
+                        pending = None
+                    self._fail_queued()
+            finally:
+                self.session = None
+
+    def _count_restart(self, restart: Restart) -> None:
+        counters = self._counters
+        counters.restart_count += 1
+        if restart.kind == "proactive":
+            counters.proactive_restarts += 1
+        elif restart.kind == "hard":
+            counters.hard_restarts += 1
+        elif restart.kind == "crash":
+            counters.crash_restarts += 1
+        elif restart.kind == "timeout":
+            counters.timeout_restarts += 1
+        log.warning("[RESTART] Starting: %s: %s", restart.kind, restart.detail)
+
+    async def _back_off(self, failures: int) -> None:
+        """Wait before spawn attempt ``failures``: 1, 2, 4... s, capped; offline after N tries."""
+        attempts = self._config.recovery_attempts
+        cap = self._config.recovery_max_backoff_s
+        self._counters.recovery_attempts += 1
+        if failures <= attempts:
+            delay = min(2.0 ** (failures - 1), cap)
+            log.warning("[RECOVERY] Attempt %d/%d in %gs...", failures, attempts, delay)
+        else:
+            delay = cap
+            log.warning("[RECOVERY] Offline: attempt %d in %gs...", failures, delay)
+        await trio.sleep(delay)
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                query = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            self._reply(query, SessionUnavailable("no CLI session: recovery failed"))
+
+    async def _serve(
+        self, session: SessionLike, pending: Query | None
+    ) -> tuple[Restart, Query | None]:
+        """Answer queries on ``session`` until it must be replaced; say why."""
+        needs_clear = False
+        while True:
+            if (restart := self._restart_needed(session)) is not None:
+                return restart, pending
+            if needs_clear:
+                try:
+                    await session.clear()
+                except SessionCrashed as exc:
+                    return Restart("crash", str(exc)), pending
+                needs_clear = False
+            query = pending if pending is not None else await self._next_query(session)
+            pending = None
+            if query is None:
+                return Restart("crash", f"exited while idle: {session.describe_exit()}"), None
+            if not session.alive:
+                # It died before this query reached it: respawn and serve the query there.
+                return Restart("crash", session.describe_exit()), query
+            await self._run(session, query)
+            needs_clear = self._config.isolation == "clear"
+            if not session.alive:
+                kind = "timeout" if query.abandoned == "timeout" else "crash"
+                return Restart(kind, session.broken or session.describe_exit()), None
+
+    def _restart_needed(self, session: SessionLike) -> Restart | None:
+        config = self._config
+        turn_pct = round(100.0 * session.turns / config.turn_limit, 1)
+        token_pct = round(100.0 * session.tokens / config.token_limit, 1)
+        name, pct = ("turn_pct", turn_pct) if turn_pct >= token_pct else ("token_pct", token_pct)
+        if pct >= 100.0:
+            return Restart("hard", f"{name}={pct:.1f}")
+        if pct >= config.proactive_pct:
+            log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct)
+            return Restart("proactive", f"{name}={pct:.1f}")
+        return None
+
+    async def _next_query(self, session: SessionLike) -> Query | None:
+        """The next query, or None if the session dies while we wait (it never answers again)."""
+        query: Query | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_exit() -> None:
+                await session.exited.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_on_exit)
+            try:
+                query = await self._receive.receive()
+            finally:
+                nursery.cancel_scope.cancel()
+        return query
+
+    async def _run(self, session: SessionLike, query: Query) -> None:
+        """Run one query and reply to it; leaves the session usable or not ``alive``."""
+        if query.abandoned:
+            return  # its client is gone: it never reaches the CLI
+        self.active = query
+        on_delta = self._forwarder(query) if query.stream else None
+        try:
+            with query.scope:
+                result = await self._ask(session, query, on_delta)
+                self._reply(query, result)
+                self._log_done(session, query)
+            if query.scope.cancelled_caught:
+                await self._abort_turn(session, query)
+        except CcwrapError as exc:
+            self._reply(query, exc)
+        finally:
+            self.active = None
+
+    async def _ask(
+        self, session: SessionLike, query: Query, on_delta: OnDelta | None
+    ) -> protocol.TurnResult:
+        result = await session.ask(query.content, on_delta)
+        self._check(result)
+        if result.text.strip():
+            return result
+        self._counters.empty_retries += 1
+        log.warning("[WARN] Empty response, retrying... request_id=%s", query.request_id)
+        try:
+            if self._config.isolation == "clear":
+                await session.clear()
+            result = await session.ask(query.content, on_delta)
+            self._check(result)
+        except CcwrapError as exc:
+            log.error("[ERROR] Query failed after retry: %s", exc)
+            raise
+        if not result.text.strip():
+            log.error("[ERROR] Query failed after retry: empty response")
+            raise EmptyResponse("the CLI answered with no text, twice")
+        return result
+
+    def _check(self, result: protocol.TurnResult) -> None:
+        if not result.is_error:
+            return
+        message = result.text or f"CLI turn failed ({result.subtype})"
+        if "prompt is too long" in message.lower():
+            raise ContextLengthExceeded(message, api_error_status=result.api_error_status)
+        raise CliError(message, api_error_status=result.api_error_status)
+
+    async def _abort_turn(self, session: SessionLike, query: Query) -> None:
+        """The client gave up mid-turn: interrupt the CLI and drain, or give the session up."""
+        if query.abandoned == "timeout":
+            self._counters.timeouts += 1
+        if session.broken is None or session.exited.is_set():
+            return
+        with trio.move_on_after(self._config.interrupt_grace_s, shield=True):
+            if await session.interrupt():
+                log.warning(
+                    "[WARN] Turn interrupted (%s) request_id=%s", query.abandoned, query.request_id
+                )
+                return
+        log.error(
+            "[ERROR] Interrupt not answered within %gs (%s); the session will be replaced",
+            self._config.interrupt_grace_s, query.abandoned,
+        )
+
+    def _forwarder(self, query: Query) -> OnDelta:
+        async def forward(text: str) -> None:
+            # Unbounded channel: a slow client never blocks the session's reader.
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                query.reply.send_nowait(protocol.TextDelta(text))
+
+        return forward
+
+    def _reply(self, query: Query, item: protocol.TurnResult | CcwrapError) -> None:
+        # The client may be gone: it was answered already (timeout) or needs nothing.
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            query.reply.send_nowait(item)
+
+    def _log_done(self, session: SessionLike, query: Query) -> None:
+        config = self._config
+        log.info(
+            "[DONE] %.1fs | ctx=%d/%d (%.1f%%) | turns=%d/%d | request_id=%s",
+            trio.current_time() - query.arrived_at,
+            session.tokens, config.token_limit, 100.0 * session.tokens / config.token_limit,
+            session.turns, config.turn_limit, query.request_id,
+        )
+
+
+class Supervisor:
+    """The front door (``query``) and the owner of the query channel and its workers."""
+
+    def __init__(self, config: Config, open_session: SessionFactory, *, sessions: int = 1) -> None:
+        self._config = config
+        self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
+        self.counters = Counters()
+        self.workers = [
+            SessionWorker(config, open_session, self._receive, self.counters)
+            for _ in range(sessions)
+        ]
+        self._shutting_down = False
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        return f"<Supervisor {stats.status} queued={stats.queued} workers={self.workers!r}>"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until cancelled; ready (queries accepted) once they are started."""
+        async with self._receive, trio.open_nursery() as nursery:
+            for worker in self.workers:
+                await nursery.start(worker.run)
+            task_status.started()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new queries (503); those already accepted are still answered."""
+        self._shutting_down = True
+
+    def cli_pids(self) -> list[int]:
+        return [s.pid for w in self.workers if (s := w.session) is not None and s.alive]
+
+    def statistics(self) -> Statistics:
+        workers = [worker.statistics() for worker in self.workers]
+        statuses = {w.status for w in workers}
+        if "healthy" in statuses:
+            status = "healthy"
+        elif "restarting" in statuses:
+            status = "restarting"
+        elif "starting" in statuses:
+            status = "starting"
+        else:
+            status = "offline"
+        fullest = max(workers, key=lambda w: max(w.tokens / self._config.token_limit,
+                                                 w.turns / self._config.turn_limit))
+        return Statistics(
+            status=status,
+            invoker_connected=any(w.connected for w in workers),
+            active_queries=sum(w.busy for w in workers),
+            queued=self._send.statistics().current_buffer_used,
+            tokens=fullest.tokens,
+            turns=fullest.turns,
+            token_limit=self._config.token_limit,
+            turn_limit=self._config.turn_limit,
+            counters=Counters(**vars(self.counters)),
+            sessions=tuple(workers),
+        )
+
+    async def query(
+        self,
+        content: Content,
+        *,
+        request_id: str | None = None,
+        on_delta: OnDelta | None = None,
+    ) -> protocol.TurnResult:
+        """Answer one request through a session; every call is counted exactly once.
+
+        Raises QueueFull, SessionUnavailable/ShuttingDown, QueryTimeout, or the turn's CcwrapError.
+        Text deltas go to ``on_delta`` as they arrive when it is given.
+        """
+        counters = self.counters
+        counters.total_requests += 1
+        try:
+            result = await self._query(content, request_id or uuid.uuid4().hex, on_delta)
+        except (QueueFull, SessionUnavailable):
+            counters.rejected += 1
+            raise
+        except CcwrapError:
+            counters.total_errors += 1
+            raise
+        except BaseException:
+            counters.disconnects += 1
+            counters.total_errors += 1
+            raise
+        counters.successes += 1
+        return result
+
+    async def _query(
+        self, content: Content, request_id: str, on_delta: OnDelta | None
+    ) -> protocol.TurnResult:
+        if self._shutting_down:
+            raise ShuttingDown("the server is shutting down")
+        if all(worker.status == "offline" for worker in self.workers):
+            raise SessionUnavailable("no CLI session: recovery failed; retrying in the background")
+        now = trio.current_time()
+        reply_send, reply_receive = trio.open_memory_channel[
+            protocol.TextDelta | protocol.TurnResult | CcwrapError
+        ](math.inf)
+        query = Query(
+            content=content,
+            request_id=request_id,
+            arrived_at=now,
+            deadline=now + self._config.query_timeout_s,
+            reply=reply_send,
+            stream=on_delta is not None,
+        )
+        try:
+            self._send.send_nowait(query)
+        except trio.WouldBlock:
+            raise QueueFull(f"{self._config.max_queue} requests are already waiting") from None
+        with reply_send, reply_receive:
+            try:
+                with trio.move_on_at(query.deadline):
+                    while True:
+                        item = await reply_receive.receive()
+                        if isinstance(item, protocol.TextDelta):
+                            assert on_delta is not None
+                            await on_delta(item.text)
+                        elif isinstance(item, CcwrapError):
+                            raise item
+                        else:
+                            return item
+            except CcwrapError:
+                raise
+            except BaseException:
+                query.abandon("disconnect")
+                raise
+            query.abandon("timeout")
+            raise QueryTimeout(
+                f"no answer within {self._config.query_timeout_s:g}s (CCWRAP_QUERY_TIMEOUT)"
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+

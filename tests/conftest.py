@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ccwrap_trio.config import Config, child_environment
+from ccwrap_trio.server import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+
+
+def write_executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def fake_cli(tmp_path: Path) -> Path:
+    """An executable that runs tests/fake_claude.py with this interpreter."""
+    return write_executable(
+        tmp_path / "fake-claude",
+        f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_CLAUDE}" "$@"\n',
+    )
+
+
+def real_claude_bin() -> str:
+    """The pinned real CLI: CCWRAP_TEST_CLAUDE_BIN, else the one .ci/run / make install."""
+    candidates = [
+        os.environ.get("CCWRAP_TEST_CLAUDE_BIN", ""),
+        str(ROOT / ".tools/claude/node_modules/.bin/claude"),
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("claude")
+    if found:
+        return found
+    pytest.fail("the real Claude Code CLI is not installed: run `make install` (or .ci/run)")
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, fake_cli: Path) -> Any:
+    """Config for tests: the fake CLI, port 0, short timeouts, an isolated child env."""
+
+    def make(*, env: dict[str, str] | None = None, **overrides: Any) -> Config:
+        workdir = tmp_path / "work"
+        workdir.mkdir(exist_ok=True)
+        environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **(env or {})}
+        base = Config(
+            port=0,
+            claude_bin=str(fake_cli),
+            workdir=workdir,
+            query_timeout_s=10.0,
+            startup_timeout_s=10.0,
+            interrupt_grace_s=2.0,
+            shutdown_grace_s=5.0,
+            memory_sample_interval_s=0.5,
+            # The fake CLI's FAKE_* knobs bypass the allow-list; nothing else does.
+            child_env={
+                **child_environment(environ, forward_api_key=True),
+                **{k: v for k, v in (env or {}).items() if k.startswith("FAKE_")},
+            },
+        )
+        return dataclasses.replace(base, **overrides)
+
+    return make
+
+
+@asynccontextmanager
+async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[str]:
+    """Serve ``config`` on 127.0.0.1 (port 0) in a nursery; yield the base URL; stop it after."""
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(lambda task_status: serve(
+            config, shutdown=shutdown, task_status=task_status, **kwargs
+        ))
+        try:
+            yield urls[0]
+        finally:
+            shutdown.set()
+
+
+async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` (sync) until true; fail after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _log_level(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ccwrap_trio")

@@ -1,0 +1,179 @@
+"""A fake Claude Code CLI for fault injection: speaks the stream-json lines of the 2.1.332 captures.
+
+Start-up behaviour comes from FAKE_CLAUDE_START: ``ok`` (default), ``crash``, ``text`` (prints
+plain text and exits), ``silent`` (reads, never answers), ``slow:SECONDS``. Per-turn faults come
+from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores interrupts),
+``FAKE:crash``, ``FAKE:empty``, ``FAKE:empty-once``, ``FAKE:garbage``, ``FAKE:error=MESSAGE``,
+``FAKE:sleep=SECONDS``, ``FAKE:exit-after``, ``FAKE:tokens=N``. Every stdin line is appended to
+FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``, streamed in one delta per word.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import sys
+import time
+import uuid
+
+SESSION = str(uuid.uuid4())
+VERSION = "2.1.332-fake"
+seen_empty_once: set[str] = set()
+
+
+def emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def init() -> None:
+    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": SESSION,
+          "tools": [], "mcp_servers": [], "model": "claude-haiku-5-5",
+          "permissionMode": "dontAsk", "claude_code_version": VERSION})
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 100, "output_tokens": output_tokens}
+
+
+def result(text: str | None, *, is_error: bool = False, subtype: str = "success",
+           use: dict | None = None, terminal: str = "completed", num_turns: int = 1,
+           extra: dict | None = None) -> None:
+    message = {"type": "result", "subtype": subtype, "is_error": is_error,
+               "num_turns": num_turns, "session_id": SESSION, "duration_ms": 5,
+               "usage": use or usage(0, 0), "terminal_reason": terminal,
+               "api_error_status": None, "total_cost_usd": 0}
+    if text is not None:
+        message["result"] = text
+    message.update(extra or {})
+    emit(message)
+
+
+def interrupted() -> None:
+    emit({"type": "user", "message": {"role": "user", "content": [
+        {"type": "text", "text": "[Request interrupted by user]"}]}, "session_id": SESSION})
+    result(None, is_error=True, subtype="error_during_execution", terminal="aborted_streaming",
+           num_turns=2, extra={"errors": ["[ede_diagnostic] result_type=user"]})
+
+
+class Stdin:
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def next_line(self, timeout: float | None = None) -> bytes | None:
+        """The next line; b"" at EOF; None when ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([0], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(0, 65536)
+            if not chunk:
+                return b""
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        log = os.environ.get("FAKE_CLAUDE_LOG")
+        if log:
+            with open(log, "ab") as f:
+                f.write(line + b"\n")
+        return line
+
+
+def text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return ""
+
+
+def answer(stdin: Stdin, text: str) -> bool:
+    """Play one turn; False when the process must exit afterwards."""
+    if text == "/clear":
+        emit({"type": "conversation_reset", "trigger": "clear", "session_id": SESSION})
+        init()
+        result("", use=usage(0, 0), num_turns=0, extra={"local_command": "clear"})
+        return True
+    init()
+    emit({"type": "system", "subtype": "status", "status": "requesting", "session_id": SESSION})
+    directives = dict(
+        (m.group(1), m.group(2) or "") for m in re.finditer(r"FAKE:([a-z-]+)(?:=(\S*))?", text)
+    )
+    if "sleep" in directives:
+        time.sleep(float(directives["sleep"]))
+    if "hang" in directives or "hang-hard" in directives:
+        while True:
+            line = stdin.next_line()
+            if not line:
+                return False
+            message = json.loads(line)
+            if message.get("type") == "control_request" and "hang-hard" not in directives:
+                emit({"type": "control_response", "response": {
+                    "subtype": "success", "request_id": message["request_id"]}})
+                interrupted()
+                return True
+    if "crash" in directives:
+        emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+              "delta": {"type": "text_delta", "text": "partial"}}})
+        sys.stderr.write("fake: crashing mid-turn\n")
+        sys.stderr.flush()
+        os._exit(1)
+    if "garbage" in directives:
+        sys.stdout.write("this is not json {\n")
+        emit(["a", "json", "array"])  # valid JSON, not an object
+        emit({"type": "brand_new_line_type", "payload": 1})
+    if "error" in directives:
+        emit({"type": "assistant", "message": {"model": "<synthetic>", "content": [
+            {"type": "text", "text": directives["error"]}]}, "session_id": SESSION})
+        result(directives["error"].replace("_", " "), is_error=True, terminal="api_error")
+        return True
+    reply = re.sub(r"FAKE:\S+", "", text).strip()
+    reply = "echo: " + " ".join(reply.split())[:200]
+    if "empty" in directives or ("empty-once" in directives and text not in seen_empty_once):
+        seen_empty_once.add(text)
+        reply = ""
+    words = reply.split(" ") if reply else []
+    for i, word in enumerate(words):
+        emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+              "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
+    input_tokens = int(directives.get("tokens") or max(1, len(text) // 4))
+    emit({"type": "assistant", "message": {"content": [{"type": "text", "text": reply}]},
+          "session_id": SESSION})
+    result(reply, use=usage(input_tokens, len(words)))
+    return "exit-after" not in directives
+
+
+def main() -> int:
+    start = os.environ.get("FAKE_CLAUDE_START", "ok")
+    if start == "crash":
+        sys.stderr.write("fake: cannot start\n")
+        return 3
+    if start == "text":
+        print("Usage: this is not the program you are looking for")
+        return 0
+    if start.startswith("slow:"):
+        time.sleep(float(start.split(":", 1)[1]))
+    stdin = Stdin()
+    while True:
+        line = stdin.next_line()
+        if not line:
+            return 0
+        if start == "silent":
+            continue
+        message = json.loads(line)
+        if message.get("type") == "control_request":
+            emit({"type": "control_response", "response": {
+                "subtype": "success", "request_id": message.get("request_id")}})
+            continue
+        if message.get("type") != "user":
+            continue
+        if not answer(stdin, text_of(message["message"]["content"])):
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
