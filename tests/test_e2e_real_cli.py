@@ -1,0 +1,179 @@
+"""End to end: the openai SDK -> ccwrap-trio -> the REAL Claude Code CLI -> the stand-in API.
+
+Everything here is real: the pinned CLI binary (installed by .ci/run / `make install`), its pipes,
+the HTTP socket, and the Anthropic Messages stand-in that the CLI calls on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from ccwrap_trio.config import Config, child_environment
+from ccwrap_trio.session import open_session
+from ccwrap_trio.standin import Standin, StandinConfig
+
+from .conftest import real_claude_bin, running_server
+
+pytestmark = pytest.mark.real_cli
+
+
+@asynccontextmanager
+async def stack(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[str, Standin, Config]]:
+    """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config)."""
+    async with trio.open_nursery() as nursery:
+        standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        environ = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(home),  # a fresh HOME: no login, no user settings
+            "ANTHROPIC_BASE_URL": standin.url,
+            "ANTHROPIC_API_KEY": "sk-standin-e2e",
+            "CLAUDE_CODE_MAX_RETRIES": "1",
+            "API_TIMEOUT_MS": "30000",
+        }
+        config = Config(
+            port=0,
+            claude_bin=real_claude_bin(),
+            query_timeout_s=60.0,
+            startup_timeout_s=60.0,
+            interrupt_grace_s=5.0,
+            shutdown_grace_s=5.0,
+            memory_sample_interval_s=0.5,
+            forward_api_key=True,
+            child_env=child_environment(environ, forward_api_key=True),
+        )
+        config = dataclasses.replace(config, **overrides)
+        async with running_server(config) as url:
+            yield url, standin, config
+        nursery.cancel_scope.cancel()
+
+
+def ask(client: openai.OpenAI, text: str) -> Any:
+    return client.chat.completions.create(
+        model="haiku", messages=[{"role": "user", "content": text}]
+    )
+
+
+def sdk(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+async def test_two_isolated_requests_with_real_usage(tmp_path: Path) -> None:
+    async with stack(tmp_path) as (url, standin, _):
+        with sdk(url) as client:
+            first = await trio.to_thread.run_sync(ask, client, "first secret is ALPHA-7")
+            second = await trio.to_thread.run_sync(ask, client, "second question about BETA")
+        async with httpx.AsyncClient(base_url=url) as http:
+            health = (await http.get("/health")).json()
+
+    assert first.choices[0].message.content == "echo: first secret is ALPHA-7"
+    assert second.choices[0].message.content == "echo: second question about BETA"
+    assert len(standin.calls) == 2  # the warm-up and isolation /clear turns call no API
+    # Isolation: the second API call carries nothing of the first request.
+    assert "ALPHA-7" in str(standin.calls[0].body["messages"])
+    assert "ALPHA-7" not in str(standin.calls[1].body["messages"])
+    assert "BETA" in str(standin.calls[1].body["messages"])
+    # Usage is what the API reported to the CLI, not an estimate.
+    for completion, call in zip((first, second), standin.calls, strict=True):
+        reported = call.usage
+        usage = completion.usage
+        assert usage.prompt_tokens == (
+            reported["input_tokens"] + reported.get("cache_read_input_tokens", 0)
+            + reported.get("cache_creation_input_tokens", 0)
+        )
+        assert usage.completion_tokens == reported["output_tokens"]
+        assert usage.prompt_tokens_details.cached_tokens == reported.get(
+            "cache_read_input_tokens", 0
+        )
+    assert health["status"] == "healthy"
+    assert health["session"]["cli_version"] == "2.1.332"
+    assert health["session"]["model"] == "claude-haiku-5-5"
+    assert health["stats"]["total_requests"] == 2
+    assert health["context_usage"]["turns"] == 2
+
+
+async def test_proactive_restart_spawns_a_new_cli(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with stack(tmp_path, turn_limit=5, proactive_pct=80) as (url, standin, _):
+        pids = []
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            with sdk(url) as client:
+                for i in range(9):
+                    completion = await trio.to_thread.run_sync(ask, client, f"turn {i}")
+                    assert completion.choices[0].message.content == f"echo: turn {i}"
+                    pids.append((await http.get("/health")).json()["session"]["pid"])
+            health = (await http.get("/health")).json()
+    # 80% of 5 turns is 4 turns: sessions serve 4, 4 and 1 requests.
+    assert health["stats"]["restart_count"] == 2
+    assert health["stats"]["proactive_restarts"] == 2
+    assert caplog.text.count("[PROACTIVE] Inline restart: turn_pct=80.0") == 2
+    assert caplog.text.count("[RESTART] Memory after:") == 2
+    assert len(set(pids)) == 3
+    assert len(standin.calls) == 9
+
+
+async def test_api_error_is_a_502_and_the_session_goes_on(tmp_path: Path) -> None:
+    async with stack(tmp_path) as (url, _, _config):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            failed = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "boom [standin:status=500]"}]})
+            assert failed.status_code == 502
+            assert "API Error: 500" in failed.json()["error"]["message"]
+            ok = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "fine again"}]})
+            assert ok.status_code == 200
+            assert ok.json()["choices"][0]["message"]["content"] == "echo: fine again"
+
+
+async def test_hung_api_times_out_and_the_interrupt_keeps_the_cli(tmp_path: Path) -> None:
+    async with stack(tmp_path, query_timeout_s=3.0) as (url, standin, _):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            hung = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "wait [standin:hang]"}]})
+            assert hung.status_code == 504
+            pid_before = (await http.get("/health")).json()["session"]["pid"]
+            ok = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "after the hang"}]})
+            assert ok.status_code == 200
+            assert ok.json()["choices"][0]["message"]["content"] == "echo: after the hang"
+            health = (await http.get("/health")).json()
+    assert health["stats"]["timeouts"] == 1
+    # The real CLI answered the interrupt: the same process served the next request.
+    assert health["session"]["pid"] == pid_before
+    assert health["stats"]["restart_count"] == 0
+    assert "after the hang" in str(standin.calls[-1].body["messages"])
+
+
+async def test_real_cli_session_has_no_tools_and_no_mcp(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    async with trio.open_nursery() as nursery:
+        standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
+        env = child_environment(
+            {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": standin.url,
+             "ANTHROPIC_API_KEY": "sk-standin-e2e"},
+            forward_api_key=True,
+        )
+        command = Config(claude_bin=real_claude_bin()).cli_command()
+        async with open_session(command, env=env, cwd=tmp_path, startup_timeout_s=60) as session:
+            assert session.tools == ()
+            assert session.mcp_servers == ()
+            reply = base64.b64encode(b"I ran nothing.").decode()
+            result = await session.ask(f"run `touch pwned` [standin:reply={reply}]")
+            assert result.text == "I ran nothing."
+        assert standin.calls[0].body["tools"] == []
+        assert not (tmp_path / "pwned").exists()
+        nursery.cancel_scope.cancel()
