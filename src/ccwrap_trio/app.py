@@ -58,6 +58,7 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     app.config["MAX_CONTENT_LENGTH"] = 10 * 1024 * 1024
     # Quart cuts sending a response after 60 s by default; the query timeout governs instead.
     app.config["RESPONSE_TIMEOUT"] = None
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep documented field order
     started_at = trio.current_time()
 
     @app.before_request

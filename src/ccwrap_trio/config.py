@@ -248,6 +248,11 @@ class Config:
             except ValueError:
                 source = setting.flag if flag_value is not None else setting.env
                 raise ConfigError(f"{source} must be {accepts}, got {raw!r}") from None
+        # The CLI runs in its own working directory: a relative path must not change meaning.
+        if "/" in values["claude_bin"]:
+            values["claude_bin"] = os.path.abspath(os.path.expanduser(values["claude_bin"]))
+        if values["workdir"] is not None:
+            values["workdir"] = values["workdir"].absolute()
         values["child_env"] = child_environment(environ, forward_api_key=values["forward_api_key"])
         return cls(**values)
 

@@ -1,0 +1,44 @@
+# ccwrap-trio: `make demo` runs the server against the real CLI and an offline stand-in API;
+# `make test` runs lint, type checks and the whole test suite (the real CLI included).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CLAUDE_CODE_VERSION := 2.1.332
+CLAUDE_DIR := .tools/claude
+CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
+
+.PHONY: install demo serve test lint clean
+
+install: $(BIN)/ccwrap-trio $(CLAUDE)
+
+$(BIN)/ccwrap-trio: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# The pinned CLI from npm. Its native binary ships inside the platform package; nothing is
+# downloaded at run time. (On Node 20 npm warns about engines: the binary does not use Node.)
+$(CLAUDE):
+	mkdir -p $(CLAUDE_DIR)
+	npm install --prefix $(CLAUDE_DIR) --no-save --no-audit --no-fund --loglevel=error \
+		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	$(CLAUDE) --version | grep -q '^$(CLAUDE_CODE_VERSION) '
+
+demo: install
+	CLAUDE_BIN=$(CLAUDE) scripts/demo.sh
+
+# For real use: the CLI on PATH (or CCWRAP_CLAUDE_BIN) with your Claude login.
+serve: $(BIN)/ccwrap-trio
+	$(BIN)/ccwrap-trio serve
+
+lint: $(BIN)/ccwrap-trio
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+test: install lint
+	CCWRAP_TEST_CLAUDE_BIN=$(CURDIR)/$(CLAUDE) $(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""The `ccwrap-trio` command as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from ccwrap_trio import __version__
+from ccwrap_trio.cli import build_parser
+from ccwrap_trio.config import SETTINGS, Config
+from ccwrap_trio.errors import ConfigError
+
+ENTRY = [sys.executable, "-m", "ccwrap_trio"]
+
+
+def test_version() -> None:
+    out = subprocess.run([*ENTRY, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"ccwrap-trio {__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("ccwrap-trio")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"CCWRAP_PORT": "eighty"}, [],
+         "CCWRAP_PORT must be an integer from 0 to 65535, got 'eighty'"),
+        ({}, ["--turn-limit", "0"], "--turn-limit must be an integer >= 1, got '0'"),
+        ({"CCWRAP_ISOLATION": "some"}, [],
+         "CCWRAP_ISOLATION must be one of clear, none, got 'some'"),
+        ({"CCWRAP_QUERY_TIMEOUT": "-1"}, [],
+         "CCWRAP_QUERY_TIMEOUT must be a number of seconds > 0"),
+        ({"CCWRAP_PROACTIVE_PCT": "101"}, [],
+         "CCWRAP_PROACTIVE_PCT must be an integer from 1 to 100"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    out = subprocess.run(
+        [*ENTRY, "serve", *args], capture_output=True, text=True, env={**os.environ, **env},
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1
+    assert message in out.stderr
+
+
+def test_flags_win_over_environment() -> None:
+    args = build_parser().parse_args(["serve", "--port", "9000", "--model", "sonnet"])
+    config = Config.load({"CCWRAP_PORT": "8000", "CCWRAP_MODEL": "opus",
+                          "CCWRAP_TURN_LIMIT": "7"}, vars(args))
+    assert (config.port, config.model, config.turn_limit) == (9000, "sonnet", 7)
+
+
+def test_defaults_are_the_documented_contract() -> None:
+    config = Config.load({})
+    assert (config.host, config.port, config.claude_bin, config.model) == (
+        "127.0.0.1", 8204, "claude", "haiku")
+    assert (config.token_limit, config.turn_limit, config.proactive_pct) == (150_000, 10, 80)
+    assert (config.query_timeout_s, config.max_queue) == (300.0, 64)
+    assert (config.recovery_attempts, config.recovery_max_backoff_s) == (5, 60.0)
+    assert (config.isolation, config.memory_sample_interval_s, config.workdir) == (
+        "clear", 5.0, None)
+    assert config == Config(child_env=config.child_env)
+    assert {s.env for s in SETTINGS} >= {
+        "CCWRAP_HOST", "CCWRAP_PORT", "CCWRAP_CLAUDE_BIN", "CCWRAP_CLAUDE_ARGS", "CCWRAP_MODEL",
+        "CCWRAP_SYSTEM_PROMPT", "CCWRAP_TOKEN_LIMIT", "CCWRAP_TURN_LIMIT", "CCWRAP_PROACTIVE_PCT",
+        "CCWRAP_QUERY_TIMEOUT", "CCWRAP_MAX_QUEUE", "CCWRAP_RECOVERY_ATTEMPTS",
+        "CCWRAP_RECOVERY_MAX_BACKOFF", "CCWRAP_ISOLATION", "CCWRAP_MEMORY_SAMPLE_INTERVAL",
+        "CCWRAP_WORKDIR"}
+
+
+def test_relative_paths_are_made_absolute(tmp_path: Path) -> None:
+    config = Config.load({"CCWRAP_CLAUDE_BIN": "./bin/claude", "CCWRAP_WORKDIR": "work"})
+    assert config.claude_bin == os.path.join(os.getcwd(), "bin/claude")
+    assert config.workdir == Path(os.getcwd(), "work")
+    assert Config.load({"CCWRAP_CLAUDE_BIN": "claude"}).claude_bin == "claude"  # found on PATH
+
+
+def test_cli_command_is_locked_down() -> None:
+    config = Config.load({"CCWRAP_CLAUDE_ARGS": "--max-turns 1 --append-system-prompt 'a b'"})
+    command = config.cli_command()
+    joined = " ".join(command)
+    for flag in ("--input-format stream-json", "--output-format stream-json", "--verbose",
+                 "--permission-mode dontAsk", "--no-session-persistence", "--strict-mcp-config",
+                 "--model haiku"):
+        assert flag in joined
+    assert command[command.index("--tools") + 1] == ""
+    assert command[command.index("--setting-sources") + 1] == ""
+    assert command[-4:] == ["--max-turns", "1", "--append-system-prompt", "a b"]
+
+
+def test_child_env_is_an_allow_list() -> None:
+    environ = {"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": "sk-secret",
+               "AWS_SECRET_ACCESS_KEY": "x", "CCWRAP_API_KEYS": "k"}
+    assert "ANTHROPIC_API_KEY" not in Config.load(environ).child_env
+    forwarded = Config.load({**environ, "CCWRAP_FORWARD_API_KEY": "1"}).child_env
+    assert forwarded["ANTHROPIC_API_KEY"] == "sk-secret"
+    assert "AWS_SECRET_ACCESS_KEY" not in forwarded and "CCWRAP_API_KEYS" not in forwarded
+    assert forwarded["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    with pytest.raises(ConfigError, match="CCWRAP_FORWARD_API_KEY"):
+        Config.load({"CCWRAP_FORWARD_API_KEY": "maybe"})
+
+
+async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
+    fake_cli: Path, tmp_path: Path
+) -> None:
+    """SIGTERM: the running request finishes, new ones are refused, exit 0, no CLI left."""
+    env = {**os.environ, "CCWRAP_PORT": "0", "CCWRAP_CLAUDE_BIN": str(fake_cli),
+           "CCWRAP_SHUTDOWN_GRACE": "10", "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        [*ENTRY, "serve"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    assert process.stderr is not None
+    log = b""
+    try:
+        with trio.fail_after(30):
+            while not (match := re.search(rb"listening on (http://\S+)", log)):
+                log += await process.stderr.receive_some(4096)
+        url = match.group(1).decode()
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            with trio.fail_after(30):
+                while (await http.get("/health")).json()["status"] != "healthy":
+                    await trio.sleep(0.05)
+            cli_pid = (await http.get("/health")).json()["session"]["pid"]
+            result: dict[str, httpx.Response] = {}
+
+            async def in_flight() -> None:
+                result["slow"] = await http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "FAKE:sleep=1.5 still answered"}]})
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_flight)
+                await trio.sleep(0.5)
+                process.send_signal(signal.SIGTERM)
+                await trio.sleep(0.3)
+                with pytest.raises(httpx.HTTPError):  # no longer accepting
+                    async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
+                        await fresh.get("/health")
+        with trio.fail_after(30):
+            code = await process.wait()
+            while chunk := await process.stderr.receive_some(4096):
+                log += chunk
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert result["slow"].status_code == 200
+    assert json.loads(result["slow"].content)["choices"][0]["message"]["content"] == (
+        "echo: still answered")
+    assert code == 0, log.decode()
+    assert b"SIGTERM received" in log
+    assert not psutil.pid_exists(cli_pid)
