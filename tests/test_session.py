@@ -190,11 +190,8 @@ async def test_line_reader_splits_and_limits() -> None:
 
 
 def test_protocol_parses_the_real_captures() -> None:
-    """Every line of the 2.1.332 captures parses; results and deltas come out right."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "claude-cli"
-    transcript = shared / "session-transcript-2.1.332.jsonl"
-    if not transcript.exists():
-        pytest.skip("shared/claude-cli captures are not beside this checkout")
+    """Every line of the real 2.1.332 capture parses; results and deltas come out right."""
+    transcript = Path(__file__).with_name("data") / "session-transcript-2.1.332.jsonl"
     results, deltas = [], []
     for line in transcript.read_text().splitlines():
         entry = json.loads(line)
@@ -212,3 +209,21 @@ def test_protocol_parses_the_real_captures() -> None:
     assert results[1].local_command == "clear"
     assert results[3].interrupted and results[3].is_error
     assert deltas[:3] == ["hello", " from", " fake"]
+
+
+def test_protocol_classifies_every_sample_line() -> None:
+    samples = Path(__file__).with_name("data") / "message-samples-2.1.332.jsonl"
+    kinds = {}
+    for line in samples.read_text().splitlines():
+        entry = json.loads(line)
+        kinds[entry["kind"]] = protocol.parse_line(json.dumps(entry["line"]))
+    assert isinstance(kinds["system/init"], protocol.Init)
+    assert kinds["system/init"].cli_version == "2.1.332"
+    assert kinds["system/init"].tools == ()
+    error = kinds["err500:result/success"]
+    assert isinstance(error, protocol.TurnResult)
+    assert error.is_error and error.api_error_status == 500
+    assert error.text.startswith("API Error: 500")
+    assert isinstance(kinds["interrupt:control_response"], protocol.Other)
+    assert isinstance(kinds["system/ui_invalidate"], protocol.Other)
+    assert not any(isinstance(event, protocol.NotJson) for event in kinds.values())
