@@ -16,6 +16,7 @@ import trio
 
 from ccwrap_trio.config import Config, child_environment
 from ccwrap_trio.server import serve
+from ccwrap_trio.standin import Standin, StandinConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
@@ -91,6 +92,40 @@ async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[str]:
             yield urls[0]
         finally:
             shutdown.set()
+
+
+@asynccontextmanager
+async def real_stack(
+    tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[str, Standin, Config]]:
+    """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config)."""
+    async with trio.open_nursery() as nursery:
+        standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        environ = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": str(home),  # a fresh HOME: no login, no user settings
+            "ANTHROPIC_BASE_URL": standin.url,
+            "ANTHROPIC_API_KEY": "sk-standin-e2e",
+            "CLAUDE_CODE_MAX_RETRIES": "1",
+            "API_TIMEOUT_MS": "30000",
+        }
+        config = Config(
+            port=0,
+            claude_bin=real_claude_bin(),
+            query_timeout_s=60.0,
+            startup_timeout_s=60.0,
+            interrupt_grace_s=5.0,
+            shutdown_grace_s=5.0,
+            memory_sample_interval_s=0.5,
+            forward_api_key=True,
+            child_env=child_environment(environ, forward_api_key=True),
+        )
+        config = dataclasses.replace(config, **overrides)
+        async with running_server(config) as url:
+            yield url, standin, config
+        nursery.cancel_scope.cancel()
 
 
 async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.02) -> None:

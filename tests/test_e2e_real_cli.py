@@ -7,10 +7,7 @@ the HTTP socket, and the Anthropic Messages stand-in that the CLI calls on 127.0
 from __future__ import annotations
 
 import base64
-import dataclasses
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +20,9 @@ from ccwrap_trio.config import Config, child_environment
 from ccwrap_trio.session import open_session
 from ccwrap_trio.standin import Standin, StandinConfig
 
-from .conftest import real_claude_bin, running_server
+from .conftest import real_claude_bin, real_stack
 
 pytestmark = pytest.mark.real_cli
-
-
-@asynccontextmanager
-async def stack(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[str, Standin, Config]]:
-    """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config)."""
-    async with trio.open_nursery() as nursery:
-        standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
-        home = tmp_path / "home"
-        home.mkdir(exist_ok=True)
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": str(home),  # a fresh HOME: no login, no user settings
-            "ANTHROPIC_BASE_URL": standin.url,
-            "ANTHROPIC_API_KEY": "sk-standin-e2e",
-            "CLAUDE_CODE_MAX_RETRIES": "1",
-            "API_TIMEOUT_MS": "30000",
-        }
-        config = Config(
-            port=0,
-            claude_bin=real_claude_bin(),
-            query_timeout_s=60.0,
-            startup_timeout_s=60.0,
-            interrupt_grace_s=5.0,
-            shutdown_grace_s=5.0,
-            memory_sample_interval_s=0.5,
-            forward_api_key=True,
-            child_env=child_environment(environ, forward_api_key=True),
-        )
-        config = dataclasses.replace(config, **overrides)
-        async with running_server(config) as url:
-            yield url, standin, config
-        nursery.cancel_scope.cancel()
 
 
 def ask(client: openai.OpenAI, text: str) -> Any:
@@ -71,7 +36,7 @@ def sdk(url: str) -> openai.OpenAI:
 
 
 async def test_two_isolated_requests_with_real_usage(tmp_path: Path) -> None:
-    async with stack(tmp_path) as (url, standin, _):
+    async with real_stack(tmp_path) as (url, standin, _):
         with sdk(url) as client:
             first = await trio.to_thread.run_sync(ask, client, "first secret is ALPHA-7")
             second = await trio.to_thread.run_sync(ask, client, "second question about BETA")
@@ -107,7 +72,7 @@ async def test_two_isolated_requests_with_real_usage(tmp_path: Path) -> None:
 async def test_proactive_restart_spawns_a_new_cli(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with stack(tmp_path, turn_limit=5, proactive_pct=80) as (url, standin, _):
+    async with real_stack(tmp_path, turn_limit=5, proactive_pct=80) as (url, standin, _):
         pids = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             with sdk(url) as client:
@@ -126,7 +91,7 @@ async def test_proactive_restart_spawns_a_new_cli(
 
 
 async def test_api_error_is_a_502_and_the_session_goes_on(tmp_path: Path) -> None:
-    async with stack(tmp_path) as (url, _, _config):
+    async with real_stack(tmp_path) as (url, _, _config):
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             failed = await http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "boom [standin:status=500]"}]})
@@ -139,7 +104,7 @@ async def test_api_error_is_a_502_and_the_session_goes_on(tmp_path: Path) -> Non
 
 
 async def test_hung_api_times_out_and_the_interrupt_keeps_the_cli(tmp_path: Path) -> None:
-    async with stack(tmp_path, query_timeout_s=3.0) as (url, standin, _):
+    async with real_stack(tmp_path, query_timeout_s=3.0) as (url, standin, _):
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             hung = await http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "wait [standin:hang]"}]})
