@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 CLAUDE_CODE_VERSION := 2.1.332
 CLAUDE_DIR := .tools/claude
 CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
+# The openai npm package for the Node client test; npm ci writes this marker.
+NODE_CLIENT := tests/clients/node/node_modules/.package-lock.json
 
 .PHONY: install demo serve test lint clean
 
-install: $(BIN)/ccwrap-trio $(CLAUDE)
+install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT)
 
 $(BIN)/ccwrap-trio: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +28,10 @@ $(CLAUDE):
 		@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
 	$(CLAUDE) --version | grep -q '^$(CLAUDE_CODE_VERSION) '
 
-demo: install
+$(NODE_CLIENT): tests/clients/node/package.json tests/clients/node/package-lock.json
+	npm ci --prefix tests/clients/node --no-audit --no-fund --loglevel=error
+
+demo: $(BIN)/ccwrap-trio $(CLAUDE)
 	CLAUDE_BIN=$(CLAUDE) scripts/demo.sh
 
 # For real use: the CLI on PATH (or CCWRAP_CLAUDE_BIN) with your Claude login.
@@ -41,4 +46,4 @@ test: install lint
 	CCWRAP_TEST_CLAUDE_BIN=$(CURDIR)/$(CLAUDE) $(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules

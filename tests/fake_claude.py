@@ -4,7 +4,8 @@ Start-up behaviour comes from FAKE_CLAUDE_START: ``ok`` (default), ``crash``, ``
 plain text and exits), ``silent`` (reads, never answers), ``slow:SECONDS``. Per-turn faults come
 from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores interrupts),
 ``FAKE:crash``, ``FAKE:empty``, ``FAKE:empty-once``, ``FAKE:garbage``, ``FAKE:error=MESSAGE``,
-``FAKE:sleep=SECONDS``, ``FAKE:exit-after``, ``FAKE:tokens=N``. Every stdin line is appended to
+``FAKE:sleep=SECONDS``, ``FAKE:delay=SECONDS`` (between deltas), ``FAKE:exit-after``,
+``FAKE:tokens=N``. Every stdin line is appended to
 FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``, streamed in one delta per word.
 """
 
@@ -138,6 +139,8 @@ def answer(stdin: Stdin, text: str) -> bool:
         reply = ""
     words = reply.split(" ") if reply else []
     for i, word in enumerate(words):
+        if i and "delay" in directives:
+            time.sleep(float(directives["delay"]))
         emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
               "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
     input_tokens = int(directives.get("tokens") or max(1, len(text) // 4))

@@ -16,7 +16,7 @@ import trio
 
 from ccwrap_trio import protocol
 from ccwrap_trio.errors import SessionCrashed, SpawnFailed
-from ccwrap_trio.supervisor import Content, OnDelta
+from ccwrap_trio.supervisor import Content, OnProgress
 
 TURN_S = 0.05
 _pids = itertools.count(1000)
@@ -48,7 +48,9 @@ class FakeSession:
     def die(self) -> None:
         self.exited.set()
 
-    async def ask(self, content: Content, on_delta: OnDelta | None = None) -> protocol.TurnResult:
+    async def ask(
+        self, content: Content, on_progress: OnProgress | None = None
+    ) -> protocol.TurnResult:
         assert self.alive, "a turn was sent to a dead or broken session"
         prompt = content if isinstance(content, str) else str(content)
         self.prompts.append(prompt)
@@ -75,8 +77,8 @@ class FakeSession:
         match = re.search(r"tokens=(\d+)", prompt)
         tokens = int(match.group(1)) if match else 10
         self.tokens = tokens
-        if on_delta is not None:
-            await on_delta(text)
+        if on_progress is not None:
+            await on_progress(protocol.TextDelta(text))
         return protocol.TurnResult(text, False, "success", protocol.Usage(input_tokens=tokens))
 
     async def clear(self) -> None:

@@ -107,7 +107,7 @@ def test_cli_command_is_locked_down() -> None:
 
 def test_child_env_is_an_allow_list() -> None:
     environ = {"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": "sk-secret",
-               "AWS_SECRET_ACCESS_KEY": "x", "CCWRAP_API_KEYS": "k"}
+               "AWS_SECRET_ACCESS_KEY": "x", "CCWRAP_API_KEYS": "key-0123456789"}
     assert "ANTHROPIC_API_KEY" not in Config.load(environ).child_env
     forwarded = Config.load({**environ, "CCWRAP_FORWARD_API_KEY": "1"}).child_env
     assert forwarded["ANTHROPIC_API_KEY"] == "sk-secret"
@@ -115,6 +115,15 @@ def test_child_env_is_an_allow_list() -> None:
     assert forwarded["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
     with pytest.raises(ConfigError, match="CCWRAP_FORWARD_API_KEY"):
         Config.load({"CCWRAP_FORWARD_API_KEY": "maybe"})
+
+
+def test_api_keys_are_parsed_and_never_shown() -> None:
+    config = Config.load({"CCWRAP_API_KEYS": " key-aaaaaaaa , key-bbbbbbbb,"})
+    assert config.api_keys == ("key-aaaaaaaa", "key-bbbbbbbb")
+    assert "key-aaaa" not in repr(config)
+    with pytest.raises(ConfigError) as info:
+        Config.load({"CCWRAP_API_KEYS": "short,sk-0123456789"})
+    assert "short" not in str(info.value) and "sk-0123456789" not in str(info.value)
 
 
 async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(

@@ -45,15 +45,19 @@ def stdin_lines(tmp_path: Path) -> list[dict[str, object]]:
 
 async def test_ask_reads_to_result_and_tracks_usage(fake_cli: Path, tmp_path: Path) -> None:
     deltas: list[str] = []
+    starts: list[protocol.MessageStart] = []
 
-    async def on_delta(text: str) -> None:
-        deltas.append(text)
+    async def on_progress(event: protocol.Progress) -> None:
+        if isinstance(event, protocol.TextDelta):
+            deltas.append(event.text)
+        else:
+            starts.append(event)
 
     async with fake_session(fake_cli, tmp_path) as session:
         assert session.cli_version == "2.1.332-fake"  # read from the warm-up turn's init line
         assert session.model == "claude-haiku-5-5"
         assert session.tools == () and session.mcp_servers == ()
-        result = await session.ask("say three words", on_delta)
+        result = await session.ask("say three words", on_progress)
         assert result.text == "echo: say three words"
         assert "".join(deltas) == result.text and len(deltas) == 4
         assert result.usage.input_tokens == len("say three words") // 4

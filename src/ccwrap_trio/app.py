@@ -1,74 +1,57 @@
-"""The HTTP routes (Quart-Trio), kept thin: translation is in ``openai_api``, policy in
-``supervisor``.
-
-Every error leaves here in OpenAI's shape; ``ERRORS`` is the one place that maps ccwrap-trio's
-errors to statuses.
+"""The HTTP routes (Quart-Trio), kept thin: translation is in ``openai_api`` and ``streaming``,
+policy in ``supervisor``. Every error leaves here in OpenAI's shape (``openai_api.ERRORS``).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, openai_api
 from .config import Config
-from .errors import (
-    CcwrapError,
-    CliError,
-    ContextLengthExceeded,
-    EmptyResponse,
-    InvalidRequest,
-    QueryTimeout,
-    QueueFull,
-    SessionCrashed,
-    SessionUnavailable,
-)
+from .errors import CcwrapError
 from .memory import MemorySampler
-from .supervisor import Supervisor
+from .streaming import completion_stream
+from .supervisor import QueryHandle, Supervisor
 
 log = logging.getLogger(__name__)
 
-# Error class -> (HTTP status, OpenAI error type, code). Checked in order: subclasses first.
-ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
-    (InvalidRequest, 400, "invalid_request_error", None),
-    (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
-    (QueueFull, 429, "rate_limit_error", "queue_full"),
-    (SessionUnavailable, 503, "service_unavailable", "session_unavailable"),
-    (QueryTimeout, 504, "timeout", "query_timeout"),
-    (EmptyResponse, 502, "api_error", "empty_response"),
-    (CliError, 502, "api_error", "cli_error"),
-    (SessionCrashed, 502, "api_error", "cli_crashed"),
-)
-# Seconds a client is told to wait before retrying a 429 or 503.
-RETRY_AFTER_S = {429: 1, 503: 5}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Open without an API key: operators and orchestrators poll them.
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 
 
 def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -> QuartTrio:
     """The Quart-Trio app; the supervisor and sampler run beside it in the server's nursery."""
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = 10 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # Quart cuts sending a response after 60 s by default; the query timeout governs instead.
     app.config["RESPONSE_TIMEOUT"] = None
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep documented field order
     started_at = trio.current_time()
+    api_keys = [key.encode() for key in config.api_keys]
 
     @app.before_request
-    async def assign_request_id() -> None:
+    async def identify_and_authenticate() -> Any:
         given = request.headers.get("X-Request-ID", "")
-        request.request_id = given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+        g.request_id = given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+        if api_keys and request.path not in OPEN_PATHS:
+            return _authenticate(api_keys)
+        return None
 
     @app.after_request
     async def echo_request_id(response: Response) -> Response:
-        response.headers["X-Request-ID"] = getattr(request, "request_id", "")
+        response.headers["X-Request-ID"] = g.get("request_id", "")
         return response
 
     @app.post("/v1/chat/completions")
@@ -77,9 +60,17 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         chat = openai_api.parse_chat_request(
             await request.get_data(cache=False, as_text=False), default_model=config.model
         )
-        result = await supervisor.query(chat.prompt, request_id=request.request_id)  # type: ignore[attr-defined]
+        if chat.stream:
+            handle = supervisor.submit(
+                chat.content, request_id=g.request_id, stream=True, structured=chat.structured
+            )
+            return await _streaming_response(chat, handle, config.stream_keepalive_s)
+        result = await supervisor.query(
+            chat.content, request_id=g.request_id, structured=chat.structured
+        )
+        text, finish_reason = openai_api.limit_answer(result.text, chat)
         return openai_api.completion_response(
-            model=chat.model, text=result.text, usage=result.usage
+            model=chat.model, text=text, usage=result.usage, finish_reason=finish_reason
         )
 
     @app.get("/v1/models")
@@ -89,30 +80,34 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
 
     @app.get("/health")
     async def health() -> Any:
-        body = health_body(config, supervisor, sampler, started_at)
+        body = health_body(supervisor, sampler, started_at)
         status = 200 if body["status"] in ("healthy", "restarting") else 503
         return body, status
 
     @app.errorhandler(CcwrapError)
     async def ccwrap_error(error: CcwrapError) -> Any:
-        return error_response(error)
+        body, status, headers = openai_api.error_response(error)
+        if status >= 500:
+            log.warning("request failed with %d: %s request_id=%s", status, error,
+                        g.get("request_id", ""))
+        return body, status, headers
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Any:
         status = error.code or 500
-        kind = {404: "not_found_error", 405: "invalid_request_error",
-                413: "invalid_request_error"}.get(status, "invalid_request_error")
         message = {
             404: f"Unknown request URL: {request.method} {request.path}.",
             405: f"Method {request.method} is not allowed for {request.path}.",
-            413: "The request body is larger than the server accepts.",
+            413: f"The request body is larger than {config.max_body_bytes} bytes "
+            "(CCWRAP_MAX_BODY_BYTES).",
         }.get(status, error.description or error.name)
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
         return openai_api.error_body(message, type=kind, code=code), status
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Any:
-        log.exception("[ERROR] Unhandled error request_id=%s", getattr(request, "request_id", ""))
+        log.exception("[ERROR] Unhandled error request_id=%s", g.get("request_id", ""))
         return openai_api.error_body(
             "The server had an error while processing your request.", type="server_error"
         ), 500
@@ -120,22 +115,50 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     return app
 
 
-def error_response(error: CcwrapError) -> tuple[dict[str, Any], int, dict[str, str]]:
-    for cls, status, kind, code in ERRORS:
-        if isinstance(error, cls):
-            param = error.param if isinstance(error, InvalidRequest) else None
-            if isinstance(error, InvalidRequest) and error.code is not None:
-                code = error.code
-            headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
-            if status >= 500:
-                log.warning("request failed with %d: %s", status, error)
-            body = openai_api.error_body(str(error), type=kind, param=param, code=code)
-            return body, status, headers
-    raise error
+def _authenticate(api_keys: list[bytes]) -> Any:
+    """None when the request carries a configured key, else the 401 to answer."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if given:
+        # Compare with every key, always: the time taken says nothing about which one is close.
+        matched = False
+        for key in api_keys:
+            matched |= hmac.compare_digest(given.encode(), key)
+        if matched:
+            return None
+        message = "Incorrect API key provided."
+    else:
+        message = (
+            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
+            "or 'x-api-key: <key>'."
+        )
+    return openai_api.error_body(message, type="invalid_request_error", code="invalid_api_key"), 401
+
+
+async def _streaming_response(
+    chat: openai_api.ChatRequest, handle: QueryHandle, keepalive_s: float
+) -> Response:
+    frames = completion_stream(chat, handle, keepalive_s=keepalive_s)
+    # Started here: a failure before the first frame is still a plain HTTP error.
+    first = await frames.__anext__()
+    response = Response(_prepend(first, frames), content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass frames through as they come
+    return response
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for frame in rest:
+            yield frame
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def health_body(
-    config: Config, supervisor: Supervisor, sampler: MemorySampler, started_at: float
+    supervisor: Supervisor, sampler: MemorySampler, started_at: float
 ) -> dict[str, Any]:
     """The /health document: a rendering of the supervisor's and sampler's snapshots."""
     stats = supervisor.statistics()
@@ -155,21 +178,7 @@ def health_body(
             "token_pct": stats.token_pct,
             "turn_pct": stats.turn_pct,
         },
-        "stats": {
-            "total_requests": counters.total_requests,
-            "successes": counters.successes,
-            "total_errors": counters.total_errors,
-            "rejected": counters.rejected,
-            "restart_count": counters.restart_count,
-            "proactive_restarts": counters.proactive_restarts,
-            "hard_restarts": counters.hard_restarts,
-            "crash_restarts": counters.crash_restarts,
-            "timeout_restarts": counters.timeout_restarts,
-            "recovery_attempts": counters.recovery_attempts,
-            "timeouts": counters.timeouts,
-            "empty_retries": counters.empty_retries,
-            "disconnects": counters.disconnects,
-        },
+        "stats": dict(vars(counters)),
         "memory": {
             "rss_mb": round(memory.rss_mb, 1),
             "vms_mb": round(memory.vms_mb, 1),

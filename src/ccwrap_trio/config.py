@@ -114,6 +114,16 @@ def _shell_words() -> tuple[Callable[[str], tuple[str, ...]], str]:
     return (lambda text: tuple(shlex.split(text))), "arguments in shell syntax"
 
 
+def _key_list() -> tuple[Callable[[str], tuple[str, ...]], str]:
+    def parse(text: str) -> tuple[str, ...]:
+        keys = tuple(key.strip() for key in text.split(",") if key.strip())
+        if any(len(key) < 8 for key in keys):
+            raise ValueError("short key")  # the value itself is never echoed: it is a secret
+        return keys
+
+    return parse, "comma-separated API keys of at least 8 characters each"
+
+
 def _optional_path() -> tuple[Callable[[str], Path | None], str]:
     return (lambda text: Path(text).expanduser() if text.strip() else None), "a directory path"
 
@@ -193,6 +203,22 @@ SETTINGS: tuple[Setting, ...] = (
         "pass ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN to the CLI",
     ),
     Setting(
+        "CCWRAP_API_KEYS", "api_keys", _key_list(), "",
+        "API keys clients must send (Bearer or x-api-key); unset: no auth",
+    ),
+    Setting(
+        "CCWRAP_MAX_BODY_BYTES", "max_body_bytes", _integer(1024), str(10 * 1024 * 1024),
+        "largest request body accepted (413 beyond)",
+    ),
+    Setting(
+        "CCWRAP_SCHEMA_REPAIRS", "schema_repairs", _integer(0, 10), "2",
+        "repair turns for a structured output that does not validate",
+    ),
+    Setting(
+        "CCWRAP_STREAM_KEEPALIVE", "stream_keepalive_s", _seconds(), "15",
+        "seconds of silence before a streamed response gets an SSE keep-alive comment",
+    ),
+    Setting(
         "CCWRAP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
         "log level",
     ),
@@ -223,6 +249,10 @@ class Config:
     interrupt_grace_s: float = 5.0
     shutdown_grace_s: float = 30.0
     forward_api_key: bool = False
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of repr
+    max_body_bytes: int = 10 * 1024 * 1024
+    schema_repairs: int = 2
+    stream_keepalive_s: float = 15.0
     log_level: str = "info"
     # The CLI child's environment, decided once from the server's own (see child_environment).
     child_env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -247,7 +277,12 @@ class Config:
                 values[setting.field] = parse(raw)
             except ValueError:
                 source = setting.flag if flag_value is not None else setting.env
-                raise ConfigError(f"{source} must be {accepts}, got {raw!r}") from None
+                got = (
+                    "(the value is a secret: not shown)"
+                    if setting.field == "api_keys"
+                    else f"got {raw!r}"
+                )
+                raise ConfigError(f"{source} must be {accepts}, {got}") from None
         # The CLI runs in its own working directory: a relative path must not change meaning.
         if "/" in values["claude_bin"]:
             values["claude_bin"] = os.path.abspath(os.path.expanduser(values["claude_bin"]))

@@ -58,3 +58,7 @@ class ContextLengthExceeded(CliError):
 
 class EmptyResponse(CcwrapError):
     """The CLI answered with no text, even after one retry."""
+
+
+class InvalidStructuredOutput(CcwrapError):
+    """The answer did not validate against the requested schema, even after repair turns."""

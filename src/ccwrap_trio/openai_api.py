@@ -7,18 +7,53 @@ single, clearly delimited user turn.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest
+from .errors import (
+    CcwrapError,
+    CliError,
+    ContextLengthExceeded,
+    EmptyResponse,
+    InvalidRequest,
+    QueryTimeout,
+    QueueFull,
+    SessionCrashed,
+    SessionUnavailable,
+)
 from .protocol import Usage
+from .structured import StructuredOutput
 
 ROLES = ("system", "developer", "user", "assistant")
 # The CLI's model aliases (PROTOCOL.md); listed by /v1/models beside the configured model.
 CLI_MODEL_ALIASES = ("haiku", "sonnet", "opus")
+# The CLI has no per-turn output cap: max_tokens is enforced on the answer at this many characters
+# per token (the usual estimate for English text).
+CHARS_PER_TOKEN = 4
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_DATA_URL = re.compile(
+    r"^data:(?P<type>[\w/+.-]+)(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S
+)
+
+# Fields that need a feature ccwrap-trio does not have: rejected, never silently ignored.
+UNSUPPORTED = {
+    "tools": "function calling (tools) is not supported",
+    "functions": "function calling (functions) is not supported",
+    "tool_choice": "function calling (tool_choice) is not supported",
+    "function_call": "function calling (function_call) is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+# Accepted for compatibility; the CLI has no such knob, so they have no effect.
+NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+Content = str | list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -26,7 +61,16 @@ class ChatRequest:
     """What ccwrap-trio needs of a validated chat-completions request."""
 
     model: str
-    prompt: str
+    content: Content  # the one user turn for the CLI: text, or text and image blocks
+    stream: bool = False
+    include_usage: bool = False
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    structured: StructuredOutput | None = None
+
+    @property
+    def max_chars(self) -> int | None:
+        return None if self.max_tokens is None else self.max_tokens * CHARS_PER_TOKEN
 
 
 def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
@@ -43,22 +87,99 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     model = data.get("model", default_model)
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
-    if data.get("stream") not in (None, False):
-        raise InvalidRequest(
-            "Streaming ('stream': true) is not supported yet.", param="stream", code="unsupported"
-        )
+    for name, why in UNSUPPORTED.items():
+        if data.get(name) not in (None, [], {}):
+            raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
+    _check_accepted_fields(data)
+    stream = _boolean(data, "stream")
+    stream_options = data.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    include_usage = bool(stream_options and stream_options.get("include_usage"))
+    structured = StructuredOutput.from_response_format(data.get("response_format"))
+
     messages = data.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("'messages' must be an array of message objects.", param="messages")
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     turns = [_message(index, message) for index, message in enumerate(messages)]
-    if not any(text.strip() for _, text in turns):
+    if not any(isinstance(part, dict) or part.strip() for _, parts in turns for part in parts):
         raise InvalidRequest("Every message in 'messages' is empty.", param="messages")
-    return ChatRequest(model=model, prompt=render_prompt(turns))
+    content = render_prompt(turns)
+    if structured is not None:
+        content = _append_text(content, structured.instruction())
+    return ChatRequest(
+        model=model,
+        content=content,
+        stream=stream,
+        include_usage=include_usage,
+        stop=_stop(data.get("stop")),
+        max_tokens=_max_tokens(data),
+        structured=structured,
+    )
 
 
-def _message(index: int, message: Any) -> tuple[str, str]:
+def _check_accepted_fields(data: dict[str, Any]) -> None:
+    n = data.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
+        raise InvalidRequest("'n' must be 1: only one choice per request is supported.",
+                             param="n", code="unsupported")
+    if data.get("logprobs") not in (None, False) or data.get("top_logprobs") is not None:
+        param = "logprobs" if data.get("logprobs") not in (None, False) else "top_logprobs"
+        raise InvalidRequest(f"'{param}' is not supported: the CLI reports no log probabilities.",
+                             param=param, code="unsupported")
+    for name in NUMBER_FIELDS:
+        value = data.get(name)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise InvalidRequest(f"'{name}' must be a number.", param=name)
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest("'seed' must be an integer.", param="seed")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string.", param="user")
+
+
+def _boolean(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
+    return bool(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, list)
+        or len(stops) > 4
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise InvalidRequest(
+            "'stop' must be a non-empty string or an array of up to 4 non-empty strings.",
+            param="stop",
+        )
+    return tuple(stops)
+
+
+def _max_tokens(data: dict[str, Any]) -> int | None:
+    limit = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+        limit = value if limit is None else min(limit, value)
+    return limit
+
+
+Part = str | dict[str, Any]  # text, or a Messages API image block
+
+
+def _message(index: int, message: Any) -> tuple[str, list[Part]]:
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{param}' must be an object.", param=param)
@@ -77,56 +198,178 @@ def _message(index: int, message: Any) -> tuple[str, str]:
     return role, _content(param, message.get("content"), role)
 
 
-def _content(param: str, content: Any, role: str) -> str:
+def _content(param: str, content: Any, role: str) -> list[Part]:
     if isinstance(content, str):
-        return content
+        return [content]
     if content is None and role == "assistant":
-        return ""
+        return []
     if not isinstance(content, list):
         raise InvalidRequest(
             f"'{param}.content' must be a string or an array of content parts.",
             param=f"{param}.content",
         )
-    texts = []
+    parts: list[Part] = []
     for index, part in enumerate(content):
         part_param = f"{param}.content[{index}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise InvalidRequest(
                 f"'{part_param}' must be an object with a 'type'.", param=part_param
             )
-        if part["type"] != "text":
+        kind = part["type"]
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(
+                    f"'{part_param}.text' must be a string.", param=f"{part_param}.text"
+                )
+            # Text parts of one message read as lines of one text.
+            if parts and isinstance(parts[-1], str):
+                parts[-1] += "\n" + text
+            else:
+                parts.append(text)
+        elif kind == "image_url" and role == "user":
+            parts.append(_image(part_param, part.get("image_url")))
+        else:
             raise InvalidRequest(
-                f"'{part_param}.type' {part['type']!r} is not supported; only 'text' parts are.",
+                f"'{part_param}.type' {kind!r} is not supported here; 'text' parts are, and "
+                "'image_url' parts with data: URLs in user messages.",
                 param=f"{part_param}.type",
                 code="unsupported",
             )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequest(
-                f"'{part_param}.text' must be a string.", param=f"{part_param}.text"
-            )
-        texts.append(text)
-    return "\n".join(texts)
+    return parts
 
 
-def render_prompt(turns: list[tuple[str, str]]) -> str:
+def _image(param: str, image_url: Any) -> dict[str, Any]:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    param = f"{param}.image_url.url"
+    if not isinstance(url, str):
+        raise InvalidRequest(f"'{param}' must be a string.", param=param)
+    if url.startswith(("http://", "https://")):
+        raise InvalidRequest(
+            f"'{param}': image URLs are not fetched; send the image inline as a "
+            "data:image/...;base64,... URL.",
+            param=param,
+            code="unsupported",
+        )
+    match = _DATA_URL.match(url)
+    if not match or match["type"] not in IMAGE_MEDIA_TYPES:
+        raise InvalidRequest(
+            f"'{param}' must be a base64 data: URL of one of {', '.join(IMAGE_MEDIA_TYPES)}.",
+            param=param,
+        )
+    data = re.sub(r"\s+", "", match["data"])
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"'{param}' holds invalid base64 data.", param=param) from None
+    return {"type": "image", "source": {"type": "base64", "media_type": match["type"],
+                                        "data": data}}
+
+
+def render_prompt(turns: list[tuple[str, list[Part]]]) -> Content:
     """One user turn for the CLI from an OpenAI conversation.
 
     A lone user message goes as it is, so the model sees exactly what the client wrote. Anything
     more is delimited by role. Text that starts with "/" is never sent bare: the CLI would take it
-    for a slash command (``/clear``...).
+    for a slash command (``/clear``...). Images stay where they were, as image blocks.
     """
-    if len(turns) == 1 and turns[0][0] == "user" and not turns[0][1].lstrip().startswith("/"):
-        return turns[0][1]
+    if len(turns) == 1 and turns[0][0] == "user":
+        parts = turns[0][1]
+        if not (parts and isinstance(parts[0], str) and parts[0].lstrip().startswith("/")):
+            return _blocks(parts)
     parts = [
         "The request is the conversation below, one block per message, oldest first. "
         "Follow the <system> instructions and write the next assistant message: reply with its "
         "text only, without any tags."
     ]
-    for role, text in turns:
+    for role, message_parts in turns:
         tag = "system" if role in ("system", "developer") else role
-        parts.append(f"<{tag}>\n{text}\n</{tag}>")
-    return "\n\n".join(parts)
+        parts += [f"\n\n<{tag}>\n", *message_parts, f"\n</{tag}>"]
+    return _blocks(parts)
+
+
+def _blocks(parts: list[Part]) -> Content:
+    """Plain text when there are no images; else text and image blocks, adjacent text merged."""
+    if all(isinstance(part, str) for part in parts):
+        return "".join(p for p in parts if isinstance(p, str))
+    blocks: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, dict):
+            blocks.append(part)
+        elif blocks and blocks[-1]["type"] == "text":
+            blocks[-1]["text"] += part
+        elif part:
+            blocks.append({"type": "text", "text": part})
+    return blocks
+
+
+def _append_text(content: Content, text: str) -> Content:
+    if isinstance(content, str):
+        return f"{content}\n\n{text}"
+    return [*content, {"type": "text", "text": f"\n\n{text}"}]
+
+
+@dataclass
+class AnswerLimiter:
+    """Applies ``stop`` and ``max_tokens`` to an answer that arrives in pieces.
+
+    Text that could be the start of a stop sequence is held back until it is known not to be one,
+    so a streamed stop sequence never reaches the client even when split across deltas.
+    """
+
+    stop: tuple[str, ...] = ()
+    max_chars: int | None = None
+    finish_reason: str | None = None  # set when the answer was cut: "stop" or "length"
+    _held: str = ""
+    _sent: int = field(default=0)
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` that may be sent now ("" once the answer was cut)."""
+        if self.finish_reason is not None:
+            return ""
+        pending = self._held + text
+        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return self._budget(pending[:cut], reason="stop")
+        hold = max((_overlap(pending, s) for s in self.stop), default=0)
+        self._held = pending[len(pending) - hold :] if hold else ""
+        return self._budget(pending[: len(pending) - hold])
+
+    def flush(self) -> str:
+        """At the end of the answer: what was held back was not a stop sequence after all."""
+        held, self._held = self._held, ""
+        return self._budget(held) if self.finish_reason is None else ""
+
+    def _budget(self, text: str, reason: str | None = None) -> str:
+        if self.max_chars is not None and self._sent + len(text) > self.max_chars:
+            text = text[: self.max_chars - self._sent]
+            reason = "length"
+        self._sent += len(text)
+        if reason is not None:
+            self.finish_reason = reason
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The length of the longest end of ``text`` that is a proper start of ``stop``."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def limit_answer(text: str, chat: ChatRequest) -> tuple[str, str]:
+    """A whole answer with ``stop`` and ``max_tokens`` applied: ``(text, finish_reason)``."""
+    if chat.structured is not None:
+        return text, "stop"  # validated JSON is never cut
+    limiter = AnswerLimiter(chat.stop, chat.max_chars)
+    text = limiter.feed(text) + limiter.flush()
+    return text, limiter.finish_reason or "stop"
+
+
+def estimate_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN)
 
 
 def completion_response(
@@ -134,7 +377,7 @@ def completion_response(
 ) -> dict[str, Any]:
     """A ``chat.completion`` object as OpenAI returns it, with the CLI's real token counts."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": new_completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -149,6 +392,53 @@ def completion_response(
         "usage": usage_object(usage),
         "system_fingerprint": None,
     }
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` of a stream."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ],
+    }
+
+
+def usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": usage_object(usage),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event frame."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:
@@ -177,3 +467,30 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# Error class -> (HTTP status, OpenAI error type, code). Checked in order: subclasses first.
+ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
+    (InvalidRequest, 400, "invalid_request_error", None),
+    (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
+    (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (SessionUnavailable, 503, "service_unavailable", "session_unavailable"),
+    (QueryTimeout, 504, "timeout", "query_timeout"),
+    (EmptyResponse, 502, "api_error", "empty_response"),
+    (CliError, 502, "api_error", "cli_error"),
+    (SessionCrashed, 502, "api_error", "cli_crashed"),
+)
+# Seconds a client is told to wait before retrying a 429 or 503.
+RETRY_AFTER_S = {429: 1, 503: 5}
+
+
+def error_response(error: CcwrapError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    for cls, status, kind, code in ERRORS:
+        if isinstance(error, cls):
+            param = error.param if isinstance(error, InvalidRequest) else None
+            if isinstance(error, InvalidRequest) and error.code is not None:
+                code = error.code
+            headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
+            body = error_body(str(error), type=kind, param=param, code=code)
+            return body, status, headers
+    raise error

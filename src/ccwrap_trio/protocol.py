@@ -30,6 +30,9 @@ class Usage:
         """The conversation's size after this turn: everything sent plus the answer."""
         return self.prompt_tokens + self.output_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
     @classmethod
     def from_json(cls, data: Any) -> Usage:
         if not isinstance(data, dict):
@@ -74,6 +77,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class MessageStart:
+    """The API's ``message_start`` event: the prompt's token counts, before any text."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True)
 class Other:
     """Any line this module has no use for (status, retries, replays, unknown types)."""
 
@@ -87,7 +97,9 @@ class NotJson:
     raw: str
 
 
-Event = TurnResult | Init | TextDelta | Other | NotJson
+Event = TurnResult | Init | TextDelta | MessageStart | Other | NotJson
+# What a turn reports while it runs, for streaming.
+Progress = TextDelta | MessageStart
 
 
 def parse_line(raw: bytes | str) -> Event:
@@ -108,6 +120,10 @@ def parse_line(raw: bytes | str) -> Event:
             delta = event.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta":
                 return TextDelta(str(delta.get("text", "")))
+        if isinstance(event, dict) and event.get("type") == "message_start":
+            started = event.get("message")
+            return MessageStart(Usage.from_json(started.get("usage") if isinstance(
+                started, dict) else None))
         return Other("stream_event")
     if kind == "system" and message.get("subtype") == "init":
         return Init(

@@ -28,7 +28,7 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 # Closing stdin ends an idle CLI in ~100 ms, SIGTERM in ~60 ms (PROTOCOL.md); wait a little longer.
 EXIT_GRACE_S = 2.0
 
-OnDelta = Callable[[str], Awaitable[None]]
+OnProgress = Callable[[protocol.Progress], Awaitable[None]]
 
 _interrupt_ids = itertools.count(1)
 
@@ -108,14 +108,16 @@ class Session:
         return f"{what}; stderr: {tail}" if tail else what
 
     async def ask(
-        self, content: str | list[dict[str, Any]], on_delta: OnDelta | None = None
+        self, content: str | list[dict[str, Any]], on_progress: OnProgress | None = None
     ) -> protocol.TurnResult:
         """Send one user turn and read lines until its ``result``; count it as a turn.
+
+        Text deltas and the message start go to ``on_progress`` as they arrive.
 
         Raises SessionCrashed if the child dies or breaks the protocol. If cancelled, the session
         is marked broken unless the caller interrupts and drains it (``interrupt``).
         """
-        result = await self._turn(protocol.user_line(content), on_delta)
+        result = await self._turn(protocol.user_line(content), on_progress)
         self.turns += 1
         if result.usage.context_tokens > 0:
             self.tokens = result.usage.context_tokens
@@ -146,7 +148,7 @@ class Session:
         except (SessionCrashed, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
 
-    async def _turn(self, line: bytes, on_delta: OnDelta | None) -> protocol.TurnResult:
+    async def _turn(self, line: bytes, on_progress: OnProgress | None) -> protocol.TurnResult:
         if not self.alive:
             raise SessionCrashed(self.broken or self.describe_exit())
         self._busy = True
@@ -163,8 +165,10 @@ class Session:
                 self.broken = None
                 self._busy = False
                 return event
-            if isinstance(event, protocol.TextDelta) and on_delta is not None and event.text:
-                await on_delta(event.text)
+            if on_progress is not None and isinstance(
+                event, protocol.TextDelta | protocol.MessageStart
+            ):
+                await on_progress(event)
 
     async def _read_event(self) -> protocol.Event:
         line = await self._lines.readline()

@@ -9,6 +9,7 @@ plain data. Several workers may drain the same channel (a pool); this release ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import uuid
@@ -26,6 +27,7 @@ from .errors import (
     CliError,
     ContextLengthExceeded,
     EmptyResponse,
+    InvalidStructuredOutput,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
@@ -34,11 +36,14 @@ from .errors import (
     SpawnFailed,
 )
 from .memory import process_tree_rss_mb, server_rss_mb
+from .structured import StructuredOutput
 
 log = logging.getLogger(__name__)
 
 Content = str | list[dict[str, Any]]
-OnDelta = Callable[[str], Awaitable[None]]
+OnProgress = Callable[[protocol.Progress], Awaitable[None]]
+# What a worker sends back on a query's reply channel: progress, then one result or error.
+Reply = protocol.TextDelta | protocol.MessageStart | protocol.TurnResult | CcwrapError
 
 
 class SessionLike(Protocol):
@@ -63,7 +68,7 @@ class SessionLike(Protocol):
     def describe_exit(self) -> str: ...
 
     async def ask(
-        self, content: Content, on_delta: OnDelta | None = None
+        self, content: Content, on_progress: OnProgress | None = None
     ) -> protocol.TurnResult: ...
 
     async def clear(self) -> None: ...
@@ -82,8 +87,9 @@ class Query:
     request_id: str
     arrived_at: float
     deadline: float
-    reply: trio.MemorySendChannel[protocol.TextDelta | protocol.TurnResult | CcwrapError]
+    reply: trio.MemorySendChannel[Reply]
     stream: bool = False
+    structured: StructuredOutput | None = None
     # Cancelled when the client gives up (timeout, disconnect): the worker interrupts the turn.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     abandoned: str | None = None
@@ -110,6 +116,8 @@ class Counters:
     timeouts: int = 0
     empty_retries: int = 0
     disconnects: int = 0
+    schema_repairs: int = 0
+    schema_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -331,10 +339,13 @@ class SessionWorker:
         if query.abandoned:
             return  # its client is gone: it never reaches the CLI
         self.active = query
-        on_delta = self._forwarder(query) if query.stream else None
+        # Structured answers are checked before anything is sent, so they never stream.
+        on_progress = self._forwarder(query) if query.stream and not query.structured else None
         try:
             with query.scope:
-                result = await self._ask(session, query, on_delta)
+                result = await self._ask(session, query, on_progress)
+                if query.structured is not None:
+                    result = await self._validate(session, query, query.structured, result)
                 self._reply(query, result)
                 self._log_done(session, query)
             if query.scope.cancelled_caught:
@@ -345,9 +356,9 @@ class SessionWorker:
             self.active = None
 
     async def _ask(
-        self, session: SessionLike, query: Query, on_delta: OnDelta | None
+        self, session: SessionLike, query: Query, on_progress: OnProgress | None
     ) -> protocol.TurnResult:
-        result = await session.ask(query.content, on_delta)
+        result = await session.ask(query.content, on_progress)
         self._check(result)
         if result.text.strip():
             return result
@@ -356,7 +367,7 @@ class SessionWorker:
         try:
             if self._config.isolation == "clear":
                 await session.clear()
-            result = await session.ask(query.content, on_delta)
+            result = await session.ask(query.content, on_progress)
             self._check(result)
         except CcwrapError as exc:
             log.error("[ERROR] Query failed after retry: %s", exc)
@@ -365,6 +376,41 @@ class SessionWorker:
             log.error("[ERROR] Query failed after retry: empty response")
             raise EmptyResponse("the CLI answered with no text, twice")
         return result
+
+    async def _validate(
+        self,
+        session: SessionLike,
+        query: Query,
+        structured: StructuredOutput,
+        result: protocol.TurnResult,
+    ) -> protocol.TurnResult:
+        """Check the answer against the schema; repair turns in the same conversation."""
+        usage = result.usage
+        repairs = self._config.schema_repairs
+        for attempt in range(repairs + 1):
+            content, errors = structured.check(result.text)
+            if content is not None:
+                return dataclasses.replace(result, text=content, usage=usage)
+            if attempt == repairs:
+                break
+            self._counters.schema_repairs += 1
+            log.warning(
+                "[WARN] Structured output invalid, repair %d/%d: %s request_id=%s",
+                attempt + 1, repairs, "; ".join(errors)[:300], query.request_id,
+            )
+            # No /clear before it: the model must see its own invalid answer.
+            result = await session.ask(structured.repair_prompt(errors))
+            self._check(result)
+            usage = usage + result.usage
+        self._counters.schema_failures += 1
+        log.error(
+            "[ERROR] Structured output invalid after %d repairs: %s request_id=%s",
+            repairs, "; ".join(errors)[:300], query.request_id,
+        )
+        raise InvalidStructuredOutput(
+            f"the answer did not validate against the requested schema after {repairs} "
+            f"repair turns: {'; '.join(errors)[:500]}"
+        )
 
     def _check(self, result: protocol.TurnResult) -> None:
         if not result.is_error:
@@ -391,11 +437,11 @@ class SessionWorker:
             self._config.interrupt_grace_s, query.abandoned,
         )
 
-    def _forwarder(self, query: Query) -> OnDelta:
-        async def forward(text: str) -> None:
+    def _forwarder(self, query: Query) -> OnProgress:
+        async def forward(progress: protocol.Progress) -> None:
             # Unbounded channel: a slow client never blocks the session's reader.
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                query.reply.send_nowait(protocol.TextDelta(text))
+                query.reply.send_nowait(progress)
 
         return forward
 
@@ -471,78 +517,145 @@ class Supervisor:
             sessions=tuple(workers),
         )
 
+    def submit(
+        self,
+        content: Content,
+        *,
+        request_id: str | None = None,
+        stream: bool = False,
+        structured: StructuredOutput | None = None,
+    ) -> QueryHandle:
+        """Put a query in the queue at once, or raise QueueFull / SessionUnavailable.
+
+        The caller reads its events from the returned handle and closes it (``with``); the
+        request counts as exactly one success, error or rejection.
+        """
+        counters = self.counters
+        counters.total_requests += 1
+        try:
+            if self._shutting_down:
+                raise ShuttingDown("the server is shutting down")
+            if all(worker.status == "offline" for worker in self.workers):
+                raise SessionUnavailable(
+                    "no CLI session: recovery failed; retrying in the background"
+                )
+            now = trio.current_time()
+            reply_send, reply_receive = trio.open_memory_channel[Reply](math.inf)
+            query = Query(
+                content=content,
+                request_id=request_id or uuid.uuid4().hex,
+                arrived_at=now,
+                deadline=now + self._config.query_timeout_s,
+                reply=reply_send,
+                stream=stream,
+                structured=structured,
+            )
+            try:
+                self._send.send_nowait(query)
+            except trio.WouldBlock:
+                raise QueueFull(f"{self._config.max_queue} requests are already waiting") from None
+        except CcwrapError:
+            counters.rejected += 1
+            raise
+        return QueryHandle(query, reply_receive, counters, self._config.query_timeout_s)
+
     async def query(
         self,
         content: Content,
         *,
         request_id: str | None = None,
-        on_delta: OnDelta | None = None,
+        structured: StructuredOutput | None = None,
     ) -> protocol.TurnResult:
-        """Answer one request through a session; every call is counted exactly once.
+        """Answer one request through a session (no streaming): its final result.
 
         Raises QueueFull, SessionUnavailable/ShuttingDown, QueryTimeout, or the turn's CcwrapError.
-        Text deltas go to ``on_delta`` as they arrive when it is given.
         """
-        counters = self.counters
-        counters.total_requests += 1
-        try:
-            result = await self._query(content, request_id or uuid.uuid4().hex, on_delta)
-        except (QueueFull, SessionUnavailable):
-            counters.rejected += 1
-            raise
-        except CcwrapError:
-            counters.total_errors += 1
-            raise
-        except BaseException:
-            counters.disconnects += 1
-            counters.total_errors += 1
-            raise
-        counters.successes += 1
-        return result
+        with self.submit(content, request_id=request_id, structured=structured) as handle:
+            while True:
+                event = await handle.next_event()
+                if isinstance(event, protocol.TurnResult):
+                    return event
 
-    async def _query(
-        self, content: Content, request_id: str, on_delta: OnDelta | None
-    ) -> protocol.TurnResult:
-        if self._shutting_down:
-            raise ShuttingDown("the server is shutting down")
-        if all(worker.status == "offline" for worker in self.workers):
-            raise SessionUnavailable("no CLI session: recovery failed; retrying in the background")
-        now = trio.current_time()
-        reply_send, reply_receive = trio.open_memory_channel[
-            protocol.TextDelta | protocol.TurnResult | CcwrapError
-        ](math.inf)
-        query = Query(
-            content=content,
-            request_id=request_id,
-            arrived_at=now,
-            deadline=now + self._config.query_timeout_s,
-            reply=reply_send,
-            stream=on_delta is not None,
-        )
-        try:
-            self._send.send_nowait(query)
-        except trio.WouldBlock:
-            raise QueueFull(f"{self._config.max_queue} requests are already waiting") from None
-        with reply_send, reply_receive:
-            try:
-                with trio.move_on_at(query.deadline):
-                    while True:
-                        item = await reply_receive.receive()
-                        if isinstance(item, protocol.TextDelta):
-                            assert on_delta is not None
-                            await on_delta(item.text)
-                        elif isinstance(item, CcwrapError):
-                            raise item
-                        else:
-                            return item
-            except CcwrapError:
-                raise
-            except BaseException:
-                query.abandon("disconnect")
-                raise
+
+class QueryHandle:
+    """A submitted query as its caller sees it: progress events, then one result or error.
+
+    Closing it without an outcome abandons the query (the client went away): the worker then skips
+    it, or interrupts its turn. Each handle is counted once: success, error or disconnect.
+    """
+
+    def __init__(
+        self,
+        query: Query,
+        replies: trio.MemoryReceiveChannel[Reply],
+        counters: Counters,
+        timeout_s: float,
+    ) -> None:
+        self._query = query
+        self._replies = replies
+        self._counters = counters
+        self._timeout_s = timeout_s
+        self._outcome: str | None = None
+
+    def __enter__(self) -> QueryHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<QueryHandle {self._query.request_id} outcome={self._outcome}>"
+
+    @property
+    def request_id(self) -> str:
+        return self._query.request_id
+
+    async def next_event(
+        self, *, patience: float | None = None
+    ) -> protocol.TextDelta | protocol.MessageStart | protocol.TurnResult | None:
+        """The next event; None when ``patience`` seconds pass without one (keep-alive time).
+
+        Raises QueryTimeout at the query's deadline, or the worker's CcwrapError.
+        """
+        query = self._query
+        wait_until = query.deadline
+        if patience is not None:
+            wait_until = min(wait_until, trio.current_time() + patience)
+        item: Reply | None = None
+        with trio.move_on_at(wait_until):
+            item = await self._replies.receive()
+        if item is None:
+            if trio.current_time() < query.deadline:
+                return None
             query.abandon("timeout")
-            raise QueryTimeout(
-                f"no answer within {self._config.query_timeout_s:g}s (CCWRAP_QUERY_TIMEOUT)"
-            )
-        raise AssertionError("unreachable")  # pragma: no cover
+            self._finish("error")
+            raise QueryTimeout(f"no answer within {self._timeout_s:g}s (CCWRAP_QUERY_TIMEOUT)")
+        if isinstance(item, CcwrapError):
+            self._finish("error")
+            raise item
+        if isinstance(item, protocol.TurnResult):
+            self._finish("success")
+        return item
 
+    def finish_early(self) -> None:
+        """The caller has all it wants (a stop sequence, max_tokens): a success; end the turn."""
+        self._finish("success")
+        self._query.abandon("truncated")
+
+    def close(self) -> None:
+        if self._outcome is None:
+            self._finish("disconnect")
+            self._query.abandon("disconnect")
+        self._replies.close()
+
+    def _finish(self, outcome: str) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        counters = self._counters
+        if outcome == "success":
+            counters.successes += 1
+        else:
+            counters.total_errors += 1
+            if outcome == "disconnect":
+                counters.disconnects += 1
