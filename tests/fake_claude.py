@@ -63,9 +63,12 @@ def interrupted() -> None:
 class Stdin:
     def __init__(self) -> None:
         self.buffer = b""
+        self.pushback: list[bytes] = []  # lines read early, for the main loop
 
     def next_line(self, timeout: float | None = None) -> bytes | None:
         """The next line; b"" at EOF; None when ``timeout`` passes first."""
+        if self.pushback:
+            return self.pushback.pop(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.buffer:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -138,12 +141,23 @@ def answer(stdin: Stdin, text: str) -> bool:
         seen_empty_once.add(text)
         reply = ""
     words = reply.split(" ") if reply else []
+    input_tokens = int(directives.get("tokens") or max(1, len(text) // 4))
+    emit({"type": "stream_event", "event": {"type": "message_start", "message": {
+        "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
     for i, word in enumerate(words):
         if i and "delay" in directives:
-            time.sleep(float(directives["delay"]))
+            # Wait between deltas, but honour an interrupt as the real CLI does.
+            line = stdin.next_line(timeout=float(directives["delay"]))
+            if line:
+                message = json.loads(line)
+                if message.get("type") == "control_request":
+                    emit({"type": "control_response", "response": {
+                        "subtype": "success", "request_id": message["request_id"]}})
+                    interrupted()
+                    return True
+                stdin.pushback.append(line)
         emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
               "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
-    input_tokens = int(directives.get("tokens") or max(1, len(text) // 4))
     emit({"type": "assistant", "message": {"content": [{"type": "text", "text": reply}]},
           "session_id": SESSION})
     result(reply, use=usage(input_tokens, len(words)))

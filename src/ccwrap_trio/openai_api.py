@@ -22,6 +22,7 @@ from .errors import (
     ContextLengthExceeded,
     EmptyResponse,
     InvalidRequest,
+    InvalidStructuredOutput,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
@@ -477,6 +478,7 @@ ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
     (SessionUnavailable, 503, "service_unavailable", "session_unavailable"),
     (QueryTimeout, 504, "timeout", "query_timeout"),
     (EmptyResponse, 502, "api_error", "empty_response"),
+    (InvalidStructuredOutput, 502, "api_error", "invalid_structured_output"),
     (CliError, 502, "api_error", "cli_error"),
     (SessionCrashed, 502, "api_error", "cli_crashed"),
 )
