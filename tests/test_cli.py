@@ -8,9 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 import trio
@@ -126,22 +129,52 @@ def test_api_keys_are_parsed_and_never_shown() -> None:
     assert "short" not in str(info.value) and "sk-0123456789" not in str(info.value)
 
 
-async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
-    fake_cli: Path, tmp_path: Path
-) -> None:
-    """SIGTERM: the running request finishes, new ones are refused, exit 0, no CLI left."""
-    env = {**os.environ, "CCWRAP_PORT": "0", "CCWRAP_CLAUDE_BIN": str(fake_cli),
-           "CCWRAP_SHUTDOWN_GRACE": "10", "PYTHONUNBUFFERED": "1"}
+@asynccontextmanager
+async def server_process(env: dict[str, str]) -> AsyncIterator[tuple[trio.Process, str]]:
+    """``python -m ccwrap_trio serve`` on port 0; yields (process, base URL) once it listens."""
     process = await trio.lowlevel.open_process(
-        [*ENTRY, "serve"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        [*ENTRY, "serve"], env={**os.environ, "CCWRAP_PORT": "0", "PYTHONUNBUFFERED": "1", **env},
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
     assert process.stderr is not None
     log = b""
     try:
         with trio.fail_after(30):
             while not (match := re.search(rb"listening on (http://\S+)", log)):
-                log += await process.stderr.receive_some(4096)
-        url = match.group(1).decode()
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+        yield process, match.group(1).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_rapid_requests_keep_a_real_server_process_small(fake_cli: Path) -> None:
+    """The operator quick reference's stress test on a real server process."""
+    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_TURN_LIMIT": "10",
+           "CCWRAP_MEMORY_SAMPLE_INTERVAL": "0.2"}
+    async with server_process(env) as (_, url):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+            for i in range(20):
+                reply = await trio.to_thread.run_sync(lambda i=i: client.chat.completions.create(
+                    model="haiku", messages=[{"role": "user", "content": f"prompt {i}"}]))
+                assert reply.choices[0].message.content == f"echo: prompt {i}"
+        async with httpx.AsyncClient(base_url=url) as http:
+            await trio.sleep(0.5)  # one more memory sample after the last request
+            health = (await http.get("/health")).json()
+    assert health["stats"]["restart_count"] == 2
+    assert health["stats"]["successes"] == 20
+    assert health["memory"]["rss_mb"] < 100
+
+
+async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
+    fake_cli: Path, tmp_path: Path
+) -> None:
+    """SIGTERM: the running request finishes, new ones are refused, exit 0, no CLI left."""
+    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SHUTDOWN_GRACE": "10"}
+    async with server_process(env) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             with trio.fail_after(30):
                 while (await http.get("/health")).json()["status"] != "healthy":
@@ -161,14 +194,12 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
                 with pytest.raises(httpx.HTTPError):  # no longer accepting
                     async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
                         await fresh.get("/health")
+        assert process.stderr is not None
+        log = b""
         with trio.fail_after(30):
             code = await process.wait()
             while chunk := await process.stderr.receive_some(4096):
                 log += chunk
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert result["slow"].status_code == 200
     assert json.loads(result["slow"].content)["choices"][0]["message"]["content"] == (
         "echo: still answered")
