@@ -300,8 +300,8 @@ class SessionWorker:
             if not session.alive:
                 # It died before this query reached it: respawn and serve the query there.
                 return Restart("crash", session.describe_exit()), query
-            await self._run(session, query)
-            needs_clear = self._config.isolation == "clear"
+            ran = await self._run(session, query)
+            needs_clear = ran and self._config.isolation == "clear"
             if not session.alive:
                 kind = "timeout" if query.abandoned == "timeout" else "crash"
                 return Restart(kind, session.broken or session.describe_exit()), None
@@ -334,10 +334,13 @@ class SessionWorker:
                 nursery.cancel_scope.cancel()
         return query
 
-    async def _run(self, session: SessionLike, query: Query) -> None:
-        """Run one query and reply to it; leaves the session usable or not ``alive``."""
+    async def _run(self, session: SessionLike, query: Query) -> bool:
+        """Run one query and reply to it; False if it never reached the CLI.
+
+        Leaves the session usable, or not ``alive``.
+        """
         if query.abandoned:
-            return  # its client is gone: it never reaches the CLI
+            return False  # its client is gone: it never reaches the CLI
         self.active = query
         # Structured answers are checked before anything is sent, so they never stream.
         on_progress = self._forwarder(query) if query.stream and not query.structured else None
@@ -354,6 +357,7 @@ class SessionWorker:
             self._reply(query, exc)
         finally:
             self.active = None
+        return True
 
     async def _ask(
         self, session: SessionLike, query: Query, on_progress: OnProgress | None
