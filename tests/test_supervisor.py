@@ -43,9 +43,15 @@ def clock() -> trio.testing.MockClock:
 
 @asynccontextmanager
 async def supervised(
-    sessions: FakeSessions, **overrides: object
+    sessions: FakeSessions, rss: dict[int, float] | None = None, **overrides: object
 ) -> AsyncIterator[Supervisor]:
-    supervisor = Supervisor(dataclasses.replace(CONFIG, **overrides), sessions)  # type: ignore[arg-type]
+    """A supervisor over fake sessions; ``rss`` is the fake CLI memory by pid (MB)."""
+    rss = rss if rss is not None else {}
+    supervisor = Supervisor(
+        dataclasses.replace(CONFIG, **overrides),  # type: ignore[arg-type]
+        sessions,
+        rss_probe=lambda pid: rss.get(pid, 200.0),
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         yield supervisor
@@ -362,3 +368,24 @@ async def test_shutdown_refuses_new_queries(clock: trio.testing.MockClock) -> No
         supervisor.begin_shutdown()
         with pytest.raises(ShuttingDown):
             await supervisor.query("after")
+
+
+async def test_memory_limit_recycles_between_requests(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = FakeSessions()
+    rss: dict[int, float] = {}
+    async with supervised(
+        sessions, rss, cli_rss_limit_mb=1024, memory_sample_interval_s=5.0
+    ) as supervisor:
+        await supervisor.query("one")
+        rss[sessions.current.pid] = 1500.0
+        await supervisor.query("two")  # measured at most every 5 s: not yet
+        assert len(sessions.sessions) == 1
+        await trio.sleep(5)
+        assert (await supervisor.query("three")).text == "echo: three"
+        stats = supervisor.statistics()
+    assert len(sessions.sessions) == 2
+    assert sessions.sessions[0].prompts == ["one", "two"]
+    assert stats.counters.memory_restarts == 1 and stats.counters.restart_count == 1
+    assert "[RESTART] Starting: memory: cli_rss_mb=1500.0 > 1024" in caplog.text

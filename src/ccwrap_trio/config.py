@@ -219,6 +219,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds of silence before a streamed response gets an SSE keep-alive comment",
     ),
     Setting(
+        "CCWRAP_CLI_RSS_LIMIT_MB", "cli_rss_limit_mb", _integer(1), "1024",
+        "recycle a session whose CLI process tree grows past this (checked between requests)",
+    ),
+    Setting(
+        "CCWRAP_LOG_PROMPTS", "log_prompts", _boolean(), "0",
+        "DEBUG ONLY: log every prompt and answer (they may hold secrets and personal data)",
+    ),
+    Setting(
         "CCWRAP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
         "log level",
     ),
@@ -253,6 +261,8 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     schema_repairs: int = 2
     stream_keepalive_s: float = 15.0
+    cli_rss_limit_mb: int = 1024
+    log_prompts: bool = False
     log_level: str = "info"
     # The CLI child's environment, decided once from the server's own (see child_environment).
     child_env: Mapping[str, str] = field(default_factory=dict, repr=False)

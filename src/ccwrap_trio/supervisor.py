@@ -112,6 +112,7 @@ class Counters:
     hard_restarts: int = 0
     crash_restarts: int = 0
     timeout_restarts: int = 0
+    memory_restarts: int = 0
     recovery_attempts: int = 0
     timeouts: int = 0
     empty_retries: int = 0
@@ -122,7 +123,7 @@ class Counters:
 
 @dataclass(frozen=True)
 class Restart:
-    """Why a session is being replaced: kind is proactive, hard, crash or timeout."""
+    """Why a session is being replaced: proactive, hard, memory, crash or timeout."""
 
     kind: str
     detail: str
@@ -174,11 +175,15 @@ class SessionWorker:
         open_session: SessionFactory,
         receive: trio.MemoryReceiveChannel[Query],
         counters: Counters,
+        rss_probe: Callable[[int], float] | None = None,
     ) -> None:
         self._config = config
         self._open_session = open_session
         self._receive = receive
         self._counters = counters
+        # How big a CLI process tree is, in MB (psutil; tests give a fake).
+        self._rss_probe = rss_probe or (lambda pid: process_tree_rss_mb([pid]))
+        self._rss_checked_at = -math.inf
         self.status = "starting"
         self.session: SessionLike | None = None
         self.active: Query | None = None
@@ -256,6 +261,8 @@ class SessionWorker:
             counters.crash_restarts += 1
         elif restart.kind == "timeout":
             counters.timeout_restarts += 1
+        elif restart.kind == "memory":
+            counters.memory_restarts += 1
         log.warning("[RESTART] Starting: %s: %s", restart.kind, restart.detail)
 
     async def _back_off(self, failures: int) -> None:
@@ -293,8 +300,15 @@ class SessionWorker:
                 except SessionCrashed as exc:
                     return Restart("crash", str(exc)), pending
                 needs_clear = False
-            query = pending if pending is not None else await self._next_query(session)
-            pending = None
+            query: Query | None
+            if pending is not None:
+                query, pending = pending, None
+            else:
+                # Idle sessions are looked at again every sample interval (memory grows idle too).
+                with trio.move_on_after(self._config.memory_sample_interval_s) as idle:
+                    query = await self._next_query(session)
+                if idle.cancelled_caught:
+                    continue
             if query is None:
                 return Restart("crash", f"exited while idle: {session.describe_exit()}"), None
             if not session.alive:
@@ -316,6 +330,13 @@ class SessionWorker:
         if pct >= config.proactive_pct:
             log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct)
             return Restart("proactive", f"{name}={pct:.1f}")
+        # Long-lived CLIs leak; measured at most once a sample interval, between requests.
+        now = trio.current_time()
+        if now - self._rss_checked_at >= config.memory_sample_interval_s:
+            self._rss_checked_at = now
+            rss_mb = self._rss_probe(session.pid)
+            if rss_mb > config.cli_rss_limit_mb:
+                return Restart("memory", f"cli_rss_mb={rss_mb:.1f} > {config.cli_rss_limit_mb}")
         return None
 
     async def _next_query(self, session: SessionLike) -> Query | None:
@@ -346,9 +367,13 @@ class SessionWorker:
         on_progress = self._forwarder(query) if query.stream and not query.structured else None
         try:
             with query.scope:
+                if self._config.log_prompts:
+                    log.info("[PROMPT] request_id=%s %.4000s", query.request_id, query.content)
                 result = await self._ask(session, query, on_progress)
                 if query.structured is not None:
                     result = await self._validate(session, query, query.structured, result)
+                if self._config.log_prompts:
+                    log.info("[ANSWER] request_id=%s %.4000s", query.request_id, result.text)
                 self._reply(query, result)
                 self._log_done(session, query)
             if query.scope.cancelled_caught:
@@ -467,12 +492,19 @@ class SessionWorker:
 class Supervisor:
     """The front door (``query``) and the owner of the query channel and its workers."""
 
-    def __init__(self, config: Config, open_session: SessionFactory, *, sessions: int = 1) -> None:
+    def __init__(
+        self,
+        config: Config,
+        open_session: SessionFactory,
+        *,
+        sessions: int = 1,
+        rss_probe: Callable[[int], float] | None = None,
+    ) -> None:
         self._config = config
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
         self.counters = Counters()
         self.workers = [
-            SessionWorker(config, open_session, self._receive, self.counters)
+            SessionWorker(config, open_session, self._receive, self.counters, rss_probe)
             for _ in range(sessions)
         ]
         self._shutting_down = False
