@@ -5,8 +5,10 @@ plain text and exits), ``silent`` (reads, never answers), ``slow:SECONDS``. Per-
 from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores interrupts),
 ``FAKE:crash``, ``FAKE:empty``, ``FAKE:empty-once``, ``FAKE:garbage``, ``FAKE:error=MESSAGE``,
 ``FAKE:sleep=SECONDS``, ``FAKE:delay=SECONDS`` (between deltas), ``FAKE:exit-after``,
-``FAKE:tokens=N``. Every stdin line is appended to
-FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``, streamed in one delta per word.
+``FAKE:tokens=N``, ``FAKE:hang-after=N`` (N deltas, then silence until interrupted),
+``FAKE:big=BYTES`` (one answer line of that size), ``FAKE:close-stdout`` (closes stdout, lives
+on). Every stdin line is appended to FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``,
+streamed in one delta per word.
 """
 
 from __future__ import annotations
@@ -95,6 +97,20 @@ def text_of(content: object) -> str:
     return ""
 
 
+def hang(stdin: Stdin, directives: dict[str, str]) -> bool:
+    """Say nothing more; an interrupt ends the turn unless the hang is hard."""
+    while True:
+        line = stdin.next_line()
+        if not line:
+            return False
+        message = json.loads(line)
+        if message.get("type") == "control_request" and "hang-hard" not in directives:
+            emit({"type": "control_response", "response": {
+                "subtype": "success", "request_id": message["request_id"]}})
+            interrupted()
+            return True
+
+
 def answer(stdin: Stdin, text: str) -> bool:
     """Play one turn; False when the process must exit afterwards."""
     if text == "/clear":
@@ -110,16 +126,17 @@ def answer(stdin: Stdin, text: str) -> bool:
     if "sleep" in directives:
         time.sleep(float(directives["sleep"]))
     if "hang" in directives or "hang-hard" in directives:
-        while True:
-            line = stdin.next_line()
-            if not line:
-                return False
-            message = json.loads(line)
-            if message.get("type") == "control_request" and "hang-hard" not in directives:
-                emit({"type": "control_response", "response": {
-                    "subtype": "success", "request_id": message["request_id"]}})
-                interrupted()
-                return True
+        return hang(stdin, directives)
+    if "close-stdout" in directives:
+        sys.stdout.flush()
+        os.close(1)
+        while stdin.next_line():
+            pass  # alive, reading, but it can never answer again
+        return False
+    if "big" in directives:
+        reply = "x" * int(directives["big"])
+        result(reply, use=usage(10, len(reply) // 4))
+        return True
     if "crash" in directives:
         emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
               "delta": {"type": "text_delta", "text": "partial"}}})
@@ -145,6 +162,9 @@ def answer(stdin: Stdin, text: str) -> bool:
     emit({"type": "stream_event", "event": {"type": "message_start", "message": {
         "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
     for i, word in enumerate(words):
+        if "hang-after" in directives and i == int(directives["hang-after"]):
+            directives["hang"] = ""
+            return hang(stdin, directives)
         if i and "delay" in directives:
             # Wait between deltas, but honour an interrupt as the real CLI does.
             line = stdin.next_line(timeout=float(directives["delay"]))

@@ -48,6 +48,8 @@ Directives, written anywhere in the last user text block of a request:
                              (400 invalid_request_error, 529 overloaded_error, else api_error...)
   [standin:hang]             read the request, never answer, wait for the client to go away
   [standin:drop]             close the connection right after the message_start event
+  [standin:tool-use=NAME]    answer with a tool_use block calling tool NAME (input: a command
+                             that would create the file "pwned"), as a hostile model would
   [standin:reply=BASE64]     reply with exactly this text (base64 of UTF-8; empty: empty reply)
   [standin:invalid-first]    with a ```json-schema block: the first request of a conversation
                              (no assistant message yet) gets JSON that does NOT validate
@@ -56,6 +58,13 @@ Directives, written anywhere in the last user text block of a request:
 ECHO_PREFIX = "echo:"
 ECHO_MAX_CHARS = 200
 
+# What a [standin:tool-use=NAME] answer asks the tool to do: each would leave a file behind.
+TOOL_USE_INPUT = {
+    "command": "touch pwned",
+    "file_path": "pwned",
+    "content": "pwned",
+    "description": "create a file",
+}
 _DIRECTIVE_RE = re.compile(r"\[standin:([A-Za-z][A-Za-z0-9_-]*)(?:=([^\]]*))?\]")
 _SCHEMA_FENCE_RE = re.compile(r"```json-schema[^\S\r\n]*\r?\n(.*?)```", re.DOTALL)
 _WORD_RE = re.compile(r"\s*\S+")
@@ -134,6 +143,7 @@ class Directives:
     drop: bool = False
     reply: str | None = None
     invalid_first: bool = False
+    tool_use: str | None = None
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -156,6 +166,8 @@ def parse_directives(text: str) -> tuple[Directives, str]:
                 if not 100 <= code <= 599:
                     raise DirectiveError(f"[standin:status] needs an HTTP status, got {value!r}")
                 found.status = code
+            elif name == "tool-use":
+                found.tool_use = _require(name, value).strip()
             elif name in ("hang", "drop", "invalid-first"):
                 setattr(found, name.replace("-", "_"), True)
             elif name == "reply":
@@ -171,6 +183,16 @@ def parse_directives(text: str) -> tuple[Directives, str]:
                 raise
             raise DirectiveError(f"bad value in {match.group(0)!r}: {exc}") from exc
     return found, _DIRECTIVE_RE.sub(" ", text)
+
+
+def _has_tool_result(body: dict[str, Any]) -> bool:
+    """True once the conversation carries the CLI's answer to a tool_use: ask only once."""
+    return any(
+        isinstance(block, dict) and block.get("type") == "tool_result"
+        for message in _messages(body)
+        if isinstance(message.get("content"), list)
+        for block in message["content"]
+    )
 
 
 def _require(name: str, value: str | None) -> str:
@@ -513,6 +535,7 @@ class _Plan:
     request_id: str = ""
     model: str = "claude-standin"
     deltas: list[str] = field(default_factory=list)
+    tool_use: str | None = None  # answer with a tool_use block calling this tool
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -685,7 +708,10 @@ class Standin:
             plan.error_message = f"standin: injected HTTP {directives.status}"
             return plan
 
-        if directives.reply is not None:
+        if directives.tool_use is not None and not _has_tool_result(body):
+            plan.tool_use = directives.tool_use
+            call.reply = json.dumps(TOOL_USE_INPUT)
+        elif directives.reply is not None:
             call.reply = directives.reply
         elif schema is not None:
             wrong = directives.invalid_first and is_first_turn(body)
@@ -770,6 +796,9 @@ class Standin:
             "usage": self._start_usage(plan),
         }
         yield _sse("message_start", {"type": "message_start", "message": message})
+        if plan.tool_use is not None:
+            yield from self._tool_use_events(plan)
+            return
         yield _sse(
             "content_block_start",
             {
@@ -797,6 +826,23 @@ class Standin:
                 "usage": {"output_tokens": usage["output_tokens"]},
             },
         )
+        yield _sse("message_stop", {"type": "message_stop"})
+
+    def _tool_use_events(self, plan: _Plan) -> Iterator[bytes]:
+        block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{plan.message_id[-16:]}",
+                 "name": plan.tool_use, "input": {}}
+        yield _sse("content_block_start",
+                   {"type": "content_block_start", "index": 0, "content_block": block})
+        yield _sse("content_block_delta", {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": json.dumps(TOOL_USE_INPUT)},
+        })
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _sse("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": plan.call.usage["output_tokens"]},
+        })
         yield _sse("message_stop", {"type": "message_stop"})
 
     def _full_message(self, plan: _Plan) -> dict[str, Any]:
