@@ -331,8 +331,9 @@ class SessionWorker:
             log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct)
             return Restart("proactive", f"{name}={pct:.1f}")
         # Long-lived CLIs leak; measured at most once a sample interval, between requests.
+        # A session that has served nothing is as small as a new one would be: not recycled.
         now = trio.current_time()
-        if now - self._rss_checked_at >= config.memory_sample_interval_s:
+        if session.turns and now - self._rss_checked_at >= config.memory_sample_interval_s:
             self._rss_checked_at = now
             rss_mb = self._rss_probe(session.pid)
             if rss_mb > config.cli_rss_limit_mb:
