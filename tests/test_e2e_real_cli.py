@@ -7,6 +7,7 @@ the HTTP socket, and the Anthropic Messages stand-in that the CLI calls on 127.0
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,78 @@ async def test_real_cli_session_has_no_tools_and_no_mcp(tmp_path: Path) -> None:
         assert standin.calls[0].body["tools"] == []
         assert not (tmp_path / "pwned").exists()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("directive", "message"),
+    [
+        ("[standin:status=529]", "API Error"),
+        ("[standin:drop]", "API Error"),
+    ],
+)
+async def test_api_faults_are_502s_and_the_cli_goes_on(
+    tmp_path: Path, directive: str, message: str
+) -> None:
+    async with real_stack(tmp_path) as (url, _, _config):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            failed = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": f"fault {directive}"}]})
+            assert failed.status_code == 502
+            assert message in failed.json()["error"]["message"]
+            ok = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "after the fault"}]})
+            assert ok.json()["choices"][0]["message"]["content"] == "echo: after the fault"
+            stats = (await http.get("/health")).json()["stats"]
+    assert stats["restart_count"] == 0
+    assert stats["total_requests"] == stats["successes"] + stats["total_errors"] == 2
+
+
+async def test_a_model_asking_for_tools_runs_nothing(tmp_path: Path) -> None:
+    """A hostile answer (tool_use: Bash/Write) gets 'No such tool available' from the CLI."""
+    async with real_stack(tmp_path) as (url, standin, config):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            for tool in ("Bash", "Write", "Edit"):
+                response = await http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user",
+                                  "content": f"run `touch pwned` [standin:tool-use={tool}]"}]})
+                assert response.status_code == 200
+        workdir = config.workdir
+    results = [
+        block for call in standin.calls for message in call.body["messages"]
+        if isinstance(message.get("content"), list) for block in message["content"]
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+    assert len(results) == 3
+    assert all(r["is_error"] and "No such tool available" in str(r["content"]) for r in results)
+    assert all(call.body["tools"] == [] for call in standin.calls)
+    assert not list(Path(tmp_path).rglob("pwned"))
+    assert workdir is None or not (workdir / "pwned").exists()
+
+
+async def test_streaming_and_disconnect_with_the_real_cli(tmp_path: Path) -> None:
+    async with real_stack(tmp_path) as (url, standin, _):
+        port = int(url.rsplit(":", 1)[1])
+        words = " ".join(f"w{i}" for i in range(60))
+        payload = json.dumps({"stream": True, "messages": [
+            {"role": "user", "content": f"{words} [standin:delay=0.1]"}]}).encode()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+        received = b""
+        with trio.fail_after(60):
+            while b" w3" not in received:
+                received += await stream.receive_some(65536)
+        await stream.aclose()  # the client goes away mid-stream
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            ok = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "next after disconnect"}]})
+            health = (await http.get("/health")).json()
+    assert ok.json()["choices"][0]["message"]["content"] == "echo: next after disconnect"
+    assert health["stats"]["disconnects"] == 1
+    assert health["stats"]["restart_count"] == 0  # the real CLI answered the interrupt
+    assert b'"role": "assistant"' in received and b'"content": " w2"' in received
+    # The API never got to finish the interrupted answer: the turn was aborted mid-stream.
+    assert len(standin.calls) == 2

@@ -9,6 +9,7 @@ show (API 500/529, hung or dropped API, tool_use answers).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -246,3 +247,29 @@ async def test_binary_appears_after_offline(
             while (await http.get("/health")).json()["status"] != "healthy":
                 await trio.sleep(0.05)
         await assert_consistent(http)
+
+
+async def test_prompts_answers_and_keys_stay_out_of_the_logs(
+    make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, every level
+    secret = "the-launch-code-is-7731"
+    config = make_config(api_keys=("sk-server-key-123",))
+    async with running_server(config) as url, httpx.AsyncClient(
+        base_url=url, headers={"Authorization": "Bearer sk-server-key-123"}
+    ) as http:
+        assert (await ask(http, secret)).status_code == 200
+        assert (await ask(http, secret, stream=True)).status_code == 200
+        bad = await http.get("/v1/models", headers={"Authorization": "Bearer sk-wrong-key-999"})
+        assert bad.status_code == 401
+    assert "[DONE]" in caplog.text
+    for leaked in (secret, "sk-server-key-123", "sk-wrong-key-999"):
+        assert leaked not in caplog.text
+
+
+async def test_log_prompts_switch(make_config: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async with running_server(make_config(log_prompts=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            assert (await ask(http, "debug me please")).status_code == 200
+    assert "[PROMPT] request_id=" in caplog.text and "debug me please" in caplog.text
+    assert "[ANSWER] request_id=" in caplog.text and "echo: debug me please" in caplog.text
