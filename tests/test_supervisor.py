@@ -389,3 +389,15 @@ async def test_memory_limit_recycles_between_requests(
     assert sessions.sessions[0].prompts == ["one", "two"]
     assert stats.counters.memory_restarts == 1 and stats.counters.restart_count == 1
     assert "[RESTART] Starting: memory: cli_rss_mb=1500.0 > 1024" in caplog.text
+
+
+async def test_prompt_too_long_recycles_an_accumulating_session(
+    clock: trio.testing.MockClock,
+) -> None:
+    for isolation, sessions_expected in (("none", 2), ("clear", 1)):
+        sessions = FakeSessions()
+        async with supervised(sessions, isolation=isolation) as supervisor:
+            with pytest.raises(ContextLengthExceeded):
+                await supervisor.query("error:Prompt is too long")
+            assert (await supervisor.query("next")).text == "echo: next"
+        assert len(sessions.sessions) == sessions_expected, isolation

@@ -184,6 +184,8 @@ class SessionWorker:
         # How big a CLI process tree is, in MB (psutil; tests give a fake).
         self._rss_probe = rss_probe or (lambda pid: process_tree_rss_mb([pid]))
         self._rss_checked_at = -math.inf
+        # Set when a turn shows the session cannot go on (its context is full).
+        self._recycle: Restart | None = None
         self.status = "starting"
         self.session: SessionLike | None = None
         self.active: Query | None = None
@@ -322,6 +324,9 @@ class SessionWorker:
 
     def _restart_needed(self, session: SessionLike) -> Restart | None:
         config = self._config
+        if self._recycle is not None:
+            restart, self._recycle = self._recycle, None
+            return restart
         turn_pct = round(100.0 * session.turns / config.turn_limit, 1)
         token_pct = round(100.0 * session.tokens / config.token_limit, 1)
         name, pct = ("turn_pct", turn_pct) if turn_pct >= token_pct else ("token_pct", token_pct)
@@ -380,6 +385,9 @@ class SessionWorker:
             if query.scope.cancelled_caught:
                 await self._abort_turn(session, query)
         except CcwrapError as exc:
+            if isinstance(exc, ContextLengthExceeded) and self._config.isolation == "none":
+                # The accumulated conversation is full: only a new session helps.
+                self._recycle = Restart("hard", "prompt is too long")
             self._reply(query, exc)
         finally:
             self.active = None
