@@ -36,6 +36,7 @@ from .errors import (
     SpawnFailed,
 )
 from .memory import process_tree_rss_mb, server_rss_mb
+from .stats import Activity, Counters, Statistics, WorkerStatistics
 from .structured import StructuredOutput
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Query:
     reply: trio.MemorySendChannel[Reply]
     stream: bool = False
     structured: StructuredOutput | None = None
+    first_token_at: float | None = None  # when the first text arrived (time to first token)
     # Cancelled when the client gives up (timeout, disconnect): the worker interrupts the turn.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     abandoned: str | None = None
@@ -99,71 +101,12 @@ class Query:
         self.scope.cancel()
 
 
-@dataclass
-class Counters:
-    """Monotonic counts, shared by the front door and every worker."""
-
-    total_requests: int = 0
-    successes: int = 0
-    total_errors: int = 0
-    rejected: int = 0
-    restart_count: int = 0
-    proactive_restarts: int = 0
-    hard_restarts: int = 0
-    crash_restarts: int = 0
-    timeout_restarts: int = 0
-    memory_restarts: int = 0
-    recovery_attempts: int = 0
-    timeouts: int = 0
-    empty_retries: int = 0
-    disconnects: int = 0
-    schema_repairs: int = 0
-    schema_failures: int = 0
-
-
 @dataclass(frozen=True)
 class Restart:
     """Why a session is being replaced: proactive, hard, memory, crash or timeout."""
 
     kind: str
     detail: str
-
-
-@dataclass(frozen=True)
-class WorkerStatistics:
-    status: str
-    connected: bool
-    busy: bool
-    pid: int | None
-    tokens: int
-    turns: int
-    uptime_s: float
-    model: str
-    cli_version: str
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """A frozen snapshot of the supervisor: /health renders it and computes nothing."""
-
-    status: str
-    invoker_connected: bool
-    active_queries: int
-    queued: int
-    tokens: int
-    turns: int
-    token_limit: int
-    turn_limit: int
-    counters: Counters
-    sessions: tuple[WorkerStatistics, ...]
-
-    @property
-    def token_pct(self) -> float:
-        return round(100.0 * self.tokens / self.token_limit, 1)
-
-    @property
-    def turn_pct(self) -> float:
-        return round(100.0 * self.turns / self.turn_limit, 1)
 
 
 class SessionWorker:
@@ -175,12 +118,14 @@ class SessionWorker:
         open_session: SessionFactory,
         receive: trio.MemoryReceiveChannel[Query],
         counters: Counters,
+        activity: Activity,
         rss_probe: Callable[[int], float] | None = None,
     ) -> None:
         self._config = config
         self._open_session = open_session
         self._receive = receive
         self._counters = counters
+        self._activity = activity
         # How big a CLI process tree is, in MB (psutil; tests give a fake).
         self._rss_probe = rss_probe or (lambda pid: process_tree_rss_mb([pid]))
         self._rss_checked_at = -math.inf
@@ -265,6 +210,7 @@ class SessionWorker:
             counters.timeout_restarts += 1
         elif restart.kind == "memory":
             counters.memory_restarts += 1
+        self._activity.restarted(restart.kind, restart.detail)
         log.warning("[RESTART] Starting: %s: %s", restart.kind, restart.detail)
 
     async def _back_off(self, failures: int) -> None:
@@ -369,8 +315,7 @@ class SessionWorker:
         if query.abandoned:
             return False  # its client is gone: it never reaches the CLI
         self.active = query
-        # Structured answers are checked before anything is sent, so they never stream.
-        on_progress = self._forwarder(query) if query.stream and not query.structured else None
+        on_progress = self._progress(query)
         try:
             with query.scope:
                 if self._config.log_prompts:
@@ -475,13 +420,19 @@ class SessionWorker:
             self._config.interrupt_grace_s, query.abandoned,
         )
 
-    def _forwarder(self, query: Query) -> OnProgress:
-        async def forward(progress: protocol.Progress) -> None:
-            # Unbounded channel: a slow client never blocks the session's reader.
-            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                query.reply.send_nowait(progress)
+    def _progress(self, query: Query) -> OnProgress:
+        # Structured answers are checked before anything is sent, so they never stream.
+        forward = query.stream and query.structured is None
 
-        return forward
+        async def on_progress(progress: protocol.Progress) -> None:
+            if query.first_token_at is None and isinstance(progress, protocol.TextDelta):
+                query.first_token_at = trio.current_time()
+            if forward:
+                # Unbounded channel: a slow client never blocks the session's reader.
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    query.reply.send_nowait(progress)
+
+        return on_progress
 
     def _reply(self, query: Query, item: protocol.TurnResult | CcwrapError) -> None:
         # The client may be gone: it was answered already (timeout) or needs nothing.
@@ -512,8 +463,11 @@ class Supervisor:
         self._config = config
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
         self.counters = Counters()
+        self.activity = Activity()
         self.workers = [
-            SessionWorker(config, open_session, self._receive, self.counters, rss_probe)
+            SessionWorker(
+                config, open_session, self._receive, self.counters, self.activity, rss_probe
+            )
             for _ in range(sessions)
         ]
         self._shutting_down = False
@@ -560,6 +514,10 @@ class Supervisor:
             turn_limit=self._config.turn_limit,
             counters=Counters(**vars(self.counters)),
             sessions=tuple(workers),
+            durations=self.activity.durations.copy(),
+            ttft=self.activity.ttft.copy(),
+            restarts=tuple(self.activity.restarts),
+            requests=tuple(self.activity.requests),
         )
 
     def submit(
@@ -577,6 +535,7 @@ class Supervisor:
         """
         counters = self.counters
         counters.total_requests += 1
+        request_id = request_id or uuid.uuid4().hex
         try:
             if self._shutting_down:
                 raise ShuttingDown("the server is shutting down")
@@ -588,7 +547,7 @@ class Supervisor:
             reply_send, reply_receive = trio.open_memory_channel[Reply](math.inf)
             query = Query(
                 content=content,
-                request_id=request_id or uuid.uuid4().hex,
+                request_id=request_id,
                 arrived_at=now,
                 deadline=now + self._config.query_timeout_s,
                 reply=reply_send,
@@ -599,10 +558,13 @@ class Supervisor:
                 self._send.send_nowait(query)
             except trio.WouldBlock:
                 raise QueueFull(f"{self._config.max_queue} requests are already waiting") from None
-        except CcwrapError:
+        except CcwrapError as exc:
             counters.rejected += 1
+            self.activity.finished(request_id, "rejected", type(exc).__name__, 0.0)
             raise
-        return QueryHandle(query, reply_receive, counters, self._config.query_timeout_s)
+        return QueryHandle(
+            query, reply_receive, counters, self.activity, self._config.query_timeout_s
+        )
 
     async def query(
         self,
@@ -634,11 +596,13 @@ class QueryHandle:
         query: Query,
         replies: trio.MemoryReceiveChannel[Reply],
         counters: Counters,
+        activity: Activity,
         timeout_s: float,
     ) -> None:
         self._query = query
         self._replies = replies
         self._counters = counters
+        self._activity = activity
         self._timeout_s = timeout_s
         self._outcome: str | None = None
 
@@ -673,12 +637,16 @@ class QueryHandle:
             if trio.current_time() < query.deadline:
                 return None
             query.abandon("timeout")
-            self._finish("error")
+            self._finish("error", "QueryTimeout")
             raise QueryTimeout(f"no answer within {self._timeout_s:g}s (CCWRAP_QUERY_TIMEOUT)")
         if isinstance(item, CcwrapError):
-            self._finish("error")
+            self._finish("error", type(item).__name__)
             raise item
         if isinstance(item, protocol.TurnResult):
+            usage = item.usage
+            self._counters.prompt_tokens += usage.prompt_tokens
+            self._counters.completion_tokens += usage.output_tokens
+            self._counters.cached_tokens += usage.cache_read_input_tokens
             self._finish("success")
         return item
 
@@ -693,10 +661,15 @@ class QueryHandle:
             self._query.abandon("disconnect")
         self._replies.close()
 
-    def _finish(self, outcome: str) -> None:
+    def _finish(self, outcome: str, error: str | None = None) -> None:
         if self._outcome is not None:
             return
         self._outcome = outcome
+        query = self._query
+        now = trio.current_time()
+        self._activity.finished(query.request_id, outcome, error, now - query.arrived_at)
+        if query.first_token_at is not None:
+            self._activity.ttft.observe(query.first_token_at - query.arrived_at)
         counters = self._counters
         if outcome == "success":
             counters.successes += 1
