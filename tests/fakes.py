@@ -54,17 +54,19 @@ class FakeSession:
         assert self.alive, "a turn was sent to a dead or broken session"
         prompt = content if isinstance(content, str) else str(content)
         self.prompts.append(prompt)
-        self.broken = "cancelled mid-turn"
         self._hard_hang = "hang-hard" in prompt
-        if "hang" in prompt:
-            await trio.sleep_forever()
-        if match := re.search(r"slow=([\d.]+)", prompt):
-            await trio.sleep(float(match.group(1)))
-        await trio.sleep(TURN_S)
+        try:
+            if "hang" in prompt:
+                await trio.sleep_forever()
+            if match := re.search(r"slow=([\d.]+)", prompt):
+                await trio.sleep(float(match.group(1)))
+            await trio.sleep(TURN_S)
+        except BaseException:
+            self.broken = "cancelled mid-turn"  # as the real session: out of step until drained
+            raise
         if "crash" in prompt:
             self.die()
             raise SessionCrashed("fake crashed mid-turn")
-        self.broken = None
         self.turns += 1
         text = f"echo: {prompt}"
         if ("empty-once" in prompt and prompt not in self._seen) or "empty" in prompt.replace(

@@ -4,12 +4,14 @@ policy in ``supervisor``. Every error leaves here in OpenAI's shape (``openai_ap
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -17,7 +19,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, openai_api
+from . import __version__, metrics, openai_api
 from .config import Config
 from .errors import CcwrapError
 from .memory import MemorySampler
@@ -27,8 +29,12 @@ from .supervisor import QueryHandle, Supervisor
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-# Open without an API key: operators and orchestrators poll them.
-OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
+# Open without an API key: operators, orchestrators and scrapers poll them. They show counters,
+# memory and request ids, never prompts or answers.
+OPEN_PATHS = frozenset(
+    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
+)
+STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 
 
 def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -> QuartTrio:
@@ -38,8 +44,10 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     # Quart cuts sending a response after 60 s by default; the query timeout governs instead.
     app.config["RESPONSE_TIMEOUT"] = None
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep documented field order
-    started_at = trio.current_time()
+    started_at = time.time()  # wall clock: the app may be built before Trio runs (Hypercorn)
     api_keys = [key.encode() for key in config.api_keys]
+    http_requests = metrics.HttpRequests()
+    registry = metrics.registry_for(config, supervisor, sampler, http_requests)
 
     @app.before_request
     async def identify_and_authenticate() -> Any:
@@ -50,8 +58,10 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         return None
 
     @app.after_request
-    async def echo_request_id(response: Response) -> Response:
+    async def echo_request_id_and_count(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        rule = request.url_rule
+        http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
         return response
 
     @app.post("/v1/chat/completions")
@@ -83,6 +93,36 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         body = health_body(supervisor, sampler, started_at)
         status = 200 if body["status"] in ("healthy", "restarting") else 503
         return body, status
+
+    @app.get("/health/live")
+    async def live() -> Any:
+        # Answering at all is the proof: the event loop runs.
+        return {"status": "alive"}
+
+    @app.get("/health/ready")
+    async def ready() -> Any:
+        stats = supervisor.statistics()
+        reasons = []
+        if not stats.invoker_connected:
+            reasons.append(f"no CLI session connected ({stats.status})")
+        if stats.queued >= config.max_queue:
+            reasons.append("the queue is full")
+        if supervisor.shutting_down:
+            reasons.append("shutting down")
+        body = {"status": "not ready" if reasons else "ready", "reasons": reasons}
+        return body, 503 if reasons else 200
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Any:
+        return Response(metrics.render(registry), content_type=metrics.CONTENT_TYPE)
+
+    @app.get("/status")
+    async def status_page() -> Any:
+        return Response(await trio.Path(STATUS_PAGE).read_bytes(), content_type="text/html")
+
+    @app.get("/status/history")
+    async def status_history() -> Any:
+        return history_body(config, supervisor, sampler)
 
     @app.errorhandler(CcwrapError)
     async def ccwrap_error(error: CcwrapError) -> Any:
@@ -157,6 +197,35 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         await rest.aclose()  # type: ignore[attr-defined]
 
 
+def history_body(
+    config: Config, supervisor: Supervisor, sampler: MemorySampler
+) -> dict[str, Any]:
+    """Recent history for the status page: memory samples, restarts, request outcomes."""
+    stats = supervisor.statistics()
+    # Samples carry trio-clock times; the page wants wall-clock times.
+    offset = time.time() - trio.current_time()
+    return {
+        "memory": [
+            {"t": round(s.at + offset, 3), "rss_mb": round(s.rss_mb, 1),
+             "cli_rss_mb": round(s.cli_rss_mb, 1)}
+            for s in sampler.samples
+        ],
+        "restarts": [{"t": r.at, "kind": r.kind, "detail": r.detail} for r in stats.restarts],
+        "requests": [
+            {"t": r.at, "request_id": r.request_id, "outcome": r.outcome, "error": r.error,
+             "duration_s": round(r.duration_s, 3)}
+            for r in stats.requests
+        ],
+        "limits": {
+            "token_limit": config.token_limit,
+            "turn_limit": config.turn_limit,
+            "max_queue": config.max_queue,
+            "cli_rss_limit_mb": config.cli_rss_limit_mb,
+            "proactive_pct": config.proactive_pct,
+        },
+    }
+
+
 def health_body(
     supervisor: Supervisor, sampler: MemorySampler, started_at: float
 ) -> dict[str, Any]:
@@ -185,13 +254,14 @@ def health_body(
             "cli_rss_mb": round(memory.cli_rss_mb, 1),
             "trend_mb_per_min": round(sampler.trend_mb_per_min, 2),
         },
+        "sessions": [dataclasses.asdict(session) for session in stats.sessions],
         "session": {
             "pid": first.pid if first else None,
             "uptime_s": round(first.uptime_s, 1) if first else 0.0,
             "model": first.model if first else "",
             "cli_version": first.cli_version if first else "",
         },
-        "uptime_s": round(trio.current_time() - started_at, 1),
+        "uptime_s": round(time.time() - started_at, 1),
         "version": __version__,
         "time": int(time.time()),
     }

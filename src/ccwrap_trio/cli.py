@@ -14,6 +14,7 @@ import trio
 from . import __version__
 from .config import SETTINGS, Config
 from .errors import ConfigError
+from .logs import configure_logging
 from .server import serve
 
 log = logging.getLogger("ccwrap_trio")
@@ -46,19 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ccwrap-trio: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
     trio.run(_serve_until_signalled, config)
     return 0
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # Hypercorn's own access lines would carry client addresses for every health poll.
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
 
 async def _serve_until_signalled(config: Config) -> None:

@@ -227,6 +227,18 @@ SETTINGS: tuple[Setting, ...] = (
         "DEBUG ONLY: log every prompt and answer (they may hold secrets and personal data)",
     ),
     Setting(
+        "CCWRAP_SESSIONS", "sessions", _integer(1, 64), "1",
+        "warm CLI sessions draining the one queue (a pool)",
+    ),
+    Setting(
+        "CCWRAP_STANDBY", "standby", _boolean(), "1",
+        "keep a spare CLI warmed so a planned restart swaps sessions without a spawn",
+    ),
+    Setting(
+        "CCWRAP_LOG_FORMAT", "log_format", _choice("text", "json"), "text",
+        "text: human lines with the markers; json: one object per line",
+    ),
+    Setting(
         "CCWRAP_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "info",
         "log level",
     ),
@@ -263,6 +275,9 @@ class Config:
     stream_keepalive_s: float = 15.0
     cli_rss_limit_mb: int = 1024
     log_prompts: bool = False
+    sessions: int = 1
+    standby: bool = True
+    log_format: str = "text"
     log_level: str = "info"
     # The CLI child's environment, decided once from the server's own (see child_environment).
     child_env: Mapping[str, str] = field(default_factory=dict, repr=False)

@@ -1,4 +1,9 @@
-"""The root nursery: supervisor, memory sampler and Hypercorn, started here and only here."""
+"""The root nursery: the services (supervisor, memory sampler) and Hypercorn.
+
+Two ways to run: ``serve()`` (``ccwrap-trio serve``) starts the services and Hypercorn in one
+nursery; ``asgi.py`` (``hypercorn ccwrap_trio.asgi:app``) starts the same ``Services`` in the
+app's lifespan nursery. Either way tasks are started here and only here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
 
 from .app import create_app
 from .config import Config
@@ -20,20 +26,6 @@ from .session import open_session
 from .supervisor import SessionFactory, SessionLike, Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def session_factory(config: Config, workdir: Path) -> SessionFactory:
-    """How a worker opens a real CLI session with this config."""
-
-    def factory() -> AbstractAsyncContextManager[SessionLike, bool | None]:
-        return open_session(
-            config.cli_command(),
-            env=dict(config.child_env),
-            cwd=workdir,
-            startup_timeout_s=config.startup_timeout_s,
-        )
-
-    return factory
 
 
 @asynccontextmanager
@@ -50,6 +42,51 @@ async def cli_workdir(config: Config) -> AsyncIterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class Services:
+    """The supervisor and the memory sampler, and the CLI working directory they need."""
+
+    def __init__(self, config: Config, session_factory: SessionFactory | None = None) -> None:
+        self.config = config
+        self._workdir: Path | None = None
+        self.supervisor = Supervisor(
+            config, session_factory or self._open_session, sessions=config.sessions
+        )
+        self.sampler = MemorySampler(config.memory_sample_interval_s, self.supervisor.cli_pids)
+
+    def __repr__(self) -> str:
+        return f"<Services {self.supervisor!r} {self.sampler!r}>"
+
+    def create_app(self) -> QuartTrio:
+        return create_app(self.config, self.supervisor, self.sampler)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ready once queries are accepted and memory is sampled."""
+        async with cli_workdir(self.config) as workdir, trio.open_nursery() as nursery:
+            self._workdir = workdir
+            await nursery.start(self.supervisor.run)
+            await nursery.start(self.sampler.run)
+            task_status.started()
+
+    def _open_session(self) -> AbstractAsyncContextManager[SessionLike, bool | None]:
+        assert self._workdir is not None, "sessions open only while Services.run runs"
+        config = self.config
+        return open_session(
+            config.cli_command(),
+            env=dict(config.child_env),
+            cwd=self._workdir,
+            startup_timeout_s=config.startup_timeout_s,
+        )
+
+
+def hypercorn_config(config: Config) -> HypercornConfig:
+    hypercorn = HypercornConfig()
+    hypercorn.bind = [_bind(config.host, config.port)]
+    hypercorn.graceful_timeout = config.shutdown_grace_s
+    hypercorn.accesslog = None
+    hypercorn.errorlog = logging.getLogger("hypercorn.error")
+    return hypercorn
+
+
 async def serve(
     config: Config,
     *,
@@ -64,41 +101,32 @@ async def serve(
     CLI is ended and reaped.
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
-    async with cli_workdir(config) as workdir:
-        factory = session_factory_override or session_factory(config, workdir)
-        supervisor = Supervisor(config, factory)
-        sampler = MemorySampler(config.memory_sample_interval_s, supervisor.cli_pids)
-        app = create_app(config, supervisor, sampler)
-        hypercorn_config = HypercornConfig()
-        hypercorn_config.bind = [_bind(config.host, config.port)]
-        hypercorn_config.graceful_timeout = config.shutdown_grace_s
-        hypercorn_config.accesslog = None
-        hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
+    services = Services(config, session_factory_override)
+    app = services.create_app()
 
-        async def stop_accepting() -> None:
-            await shutdown.wait()
-            log.info(
-                "shutting down: finishing in-flight requests (grace %gs)", config.shutdown_grace_s
+    async def stop_accepting() -> None:
+        await shutdown.wait()
+        log.info(
+            "shutting down: finishing in-flight requests (grace %gs)", config.shutdown_grace_s
+        )
+        services.supervisor.begin_shutdown()
+
+    async with trio.open_nursery() as nursery:
+
+        async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn_serve(
+                app, hypercorn_config(config), shutdown_trigger=stop_accepting,
+                task_status=task_status,
             )
-            supervisor.begin_shutdown()
+            # Hypercorn returns once its connections are done (or the grace ran out); then
+            # cancelling the services ends and reaps the CLI.
+            nursery.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
-
-            async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(
-                    app, hypercorn_config, shutdown_trigger=stop_accepting, task_status=task_status
-                )
-                # Hypercorn returns once its connections are done (or the grace ran out); then
-                # cancelling the supervisor ends and reaps the CLI.
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(supervisor.run)
-            await nursery.start(sampler.run)
-            urls = await nursery.start(run_http)
-            log.info("ccwrap-trio listening on %s", ", ".join(urls))
-            task_status.started(urls)
+        await nursery.start(services.run)
+        urls = await nursery.start(run_http)
+        log.info("ccwrap-trio listening on %s", ", ".join(urls))
+        task_status.started(urls)
 
 
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-

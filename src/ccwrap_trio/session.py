@@ -152,23 +152,26 @@ class Session:
         if not self.alive:
             raise SessionCrashed(self.broken or self.describe_exit())
         self._busy = True
-        # Until the result is read, a cancellation leaves the stream out of step.
-        self.broken = "a turn was cancelled before its result"
         try:
             await self._stdin.send_all(line)
+            while True:
+                event = await self._read_event()
+                if isinstance(event, protocol.TurnResult):
+                    self._busy = False
+                    return event
+                if on_progress is not None and isinstance(
+                    event, protocol.TextDelta | protocol.MessageStart
+                ):
+                    await on_progress(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.broken = "stdin closed"
             raise SessionCrashed(self.describe_exit()) from exc
-        while True:
-            event = await self._read_event()
-            if isinstance(event, protocol.TurnResult):
-                self.broken = None
-                self._busy = False
-                return event
-            if on_progress is not None and isinstance(
-                event, protocol.TextDelta | protocol.MessageStart
-            ):
-                await on_progress(event)
+        except BaseException:
+            # Left before the result (cancelled, crashed): the stream is out of step until an
+            # interrupt drains it.
+            if self.broken is None:
+                self.broken = "a turn was left before its result"
+            raise
 
     async def _read_event(self) -> protocol.Event:
         line = await self._lines.readline()

@@ -173,14 +173,17 @@ class SessionWorker:
                         log.info(
                             "[RESTART] Memory after: %.1f MB (delta: %+.1f MB) pid=%d",
                             after, after - memory_before, session.pid,
+                            extra={"rss_mb": round(after, 1), "pid": session.pid,
+                                   "delta_mb": round(after - memory_before, 1)},
                         )
                     restart, pending = await self._serve(session, pending)
                     self.status = "restarting"
                     memory_before = server_rss_mb()
                     self._count_restart(restart)
+                    cli_mb = process_tree_rss_mb([session.pid])
                     log.info(
-                        "[RESTART] Memory before: %.1f MB (cli %.1f MB)",
-                        memory_before, process_tree_rss_mb([session.pid]),
+                        "[RESTART] Memory before: %.1f MB (cli %.1f MB)", memory_before, cli_mb,
+                        extra={"rss_mb": round(memory_before, 1), "cli_rss_mb": round(cli_mb, 1)},
                     )
             except SpawnFailed as exc:
                 failures += 1
@@ -211,7 +214,10 @@ class SessionWorker:
         elif restart.kind == "memory":
             counters.memory_restarts += 1
         self._activity.restarted(restart.kind, restart.detail)
-        log.warning("[RESTART] Starting: %s: %s", restart.kind, restart.detail)
+        log.warning(
+            "[RESTART] Starting: %s: %s", restart.kind, restart.detail,
+            extra={"kind": restart.kind, "restart_count": counters.restart_count},
+        )
 
     async def _back_off(self, failures: int) -> None:
         """Wait before spawn attempt ``failures``: 1, 2, 4... s, capped; offline after N tries."""
@@ -220,10 +226,16 @@ class SessionWorker:
         self._counters.recovery_attempts += 1
         if failures <= attempts:
             delay = min(2.0 ** (failures - 1), cap)
-            log.warning("[RECOVERY] Attempt %d/%d in %gs...", failures, attempts, delay)
+            log.warning(
+                "[RECOVERY] Attempt %d/%d in %gs...", failures, attempts, delay,
+                extra={"attempt": failures, "attempts": attempts, "delay_s": delay},
+            )
         else:
             delay = cap
-            log.warning("[RECOVERY] Offline: attempt %d in %gs...", failures, delay)
+            log.warning(
+                "[RECOVERY] Offline: attempt %d in %gs...", failures, delay,
+                extra={"attempt": failures, "delay_s": delay},
+            )
         await trio.sleep(delay)
 
     def _fail_queued(self) -> None:
@@ -279,7 +291,7 @@ class SessionWorker:
         if pct >= 100.0:
             return Restart("hard", f"{name}={pct:.1f}")
         if pct >= config.proactive_pct:
-            log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct)
+            log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct, extra={name: pct})
             return Restart("proactive", f"{name}={pct:.1f}")
         # Long-lived CLIs leak; measured at most once a sample interval, between requests.
         # A session that has served nothing is as small as a new one would be: not recycled.
@@ -441,11 +453,17 @@ class SessionWorker:
 
     def _log_done(self, session: SessionLike, query: Query) -> None:
         config = self._config
+        duration_s = trio.current_time() - query.arrived_at
         log.info(
             "[DONE] %.1fs | ctx=%d/%d (%.1f%%) | turns=%d/%d | request_id=%s",
-            trio.current_time() - query.arrived_at,
+            duration_s,
             session.tokens, config.token_limit, 100.0 * session.tokens / config.token_limit,
             session.turns, config.turn_limit, query.request_id,
+            extra={
+                "request_id": query.request_id, "duration_s": round(duration_s, 3),
+                "ctx_tokens": session.tokens, "token_limit": config.token_limit,
+                "turns": session.turns, "turn_limit": config.turn_limit, "pid": session.pid,
+            },
         )
 
 
@@ -486,6 +504,10 @@ class Supervisor:
     def begin_shutdown(self) -> None:
         """Refuse new queries (503); those already accepted are still answered."""
         self._shutting_down = True
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
 
     def cli_pids(self) -> list[int]:
         return [s.pid for w in self.workers if (s := w.session) is not None and s.alive]

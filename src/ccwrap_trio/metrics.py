@@ -1,0 +1,162 @@
+"""Prometheus metrics: a collector that renders the same snapshot /health renders.
+
+Nothing here counts on its own except ``ccwrap_http_requests_total`` (HTTP routes and statuses
+are the app's, not the supervisor's). Everything else is read from ``Supervisor.statistics()``
+and the memory sampler at scrape time, so /metrics and /health can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Config
+from .memory import MB, MemorySampler
+from .stats import Histogram
+from .supervisor import Supervisor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+RESTART_REASONS = ("proactive", "hard", "memory", "crash", "timeout")
+
+
+class HttpRequests:
+    """Responses by route template and status, counted by the app's after-request hook."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def count(self, route: str, status: int) -> None:
+        self.counts[(route, str(status))] += 1
+
+
+class SnapshotCollector(Collector):
+    def __init__(
+        self,
+        config: Config,
+        supervisor: Supervisor,
+        sampler: MemorySampler,
+        http: HttpRequests,
+    ) -> None:
+        self._config = config
+        self._supervisor = supervisor
+        self._sampler = sampler
+        self._http = http
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._supervisor.statistics()
+        counters = stats.counters
+        memory = self._sampler.latest
+
+        http = CounterMetricFamily(
+            "ccwrap_http_requests", "HTTP responses by route and status.",
+            labels=["route", "status"],
+        )
+        for (route, status), count in sorted(self._http.counts.items()):
+            http.add_metric([route, status], count)
+        yield http
+
+        outcomes = CounterMetricFamily(
+            "ccwrap_requests", "Completion requests by outcome.", labels=["outcome"]
+        )
+        outcomes.add_metric(["success"], counters.successes)
+        outcomes.add_metric(["error"], counters.total_errors)
+        outcomes.add_metric(["rejected"], counters.rejected)
+        yield outcomes
+
+        yield _histogram(
+            "ccwrap_request_duration_seconds",
+            "Time from a completion request's arrival to its end.", stats.durations,
+        )
+        yield _histogram(
+            "ccwrap_time_to_first_token_seconds",
+            "Time from a completion request's arrival to the first text from the CLI.",
+            stats.ttft,
+        )
+
+        restarts = CounterMetricFamily(
+            "ccwrap_restarts", "CLI session restarts by reason.", labels=["reason"]
+        )
+        for reason in RESTART_REASONS:
+            restarts.add_metric([reason], getattr(counters, f"{reason}_restarts"))
+        yield restarts
+
+        for name, help_text, value in (
+            ("ccwrap_recovery_attempts", "Spawn attempts after a failed spawn.",
+             counters.recovery_attempts),
+            ("ccwrap_timeouts", "Requests that hit the query timeout.", counters.timeouts),
+            ("ccwrap_disconnects", "Requests whose client went away first.",
+             counters.disconnects),
+            ("ccwrap_empty_retries", "Empty answers retried.", counters.empty_retries),
+            ("ccwrap_schema_repairs", "Repair turns for structured outputs.",
+             counters.schema_repairs),
+            ("ccwrap_schema_failures", "Structured outputs that never validated.",
+             counters.schema_failures),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+
+        tokens = CounterMetricFamily(
+            "ccwrap_tokens", "Tokens of answered requests, as the CLI reported them.",
+            labels=["kind"],
+        )
+        tokens.add_metric(["prompt"], counters.prompt_tokens)
+        tokens.add_metric(["completion"], counters.completion_tokens)
+        tokens.add_metric(["cached"], counters.cached_tokens)
+        yield tokens
+
+        gauges: tuple[tuple[str, str, float], ...] = (
+            ("ccwrap_queue_depth", "Requests waiting for a session.", stats.queued),
+            ("ccwrap_active_queries", "Requests running on a session.", stats.active_queries),
+            ("ccwrap_context_tokens", "Context tokens of the fullest session.", stats.tokens),
+            ("ccwrap_context_turns", "Turns of the fullest session.", stats.turns),
+            ("ccwrap_context_token_limit", "CCWRAP_TOKEN_LIMIT.", stats.token_limit),
+            ("ccwrap_context_turn_limit", "CCWRAP_TURN_LIMIT.", stats.turn_limit),
+            ("ccwrap_queue_limit", "CCWRAP_MAX_QUEUE.", self._config.max_queue),
+            ("ccwrap_session_up", "1 while a CLI session is connected.",
+             int(stats.invoker_connected)),
+            ("ccwrap_sessions", "Configured CLI sessions (CCWRAP_SESSIONS).",
+             len(stats.sessions)),
+            ("ccwrap_server_resident_memory_bytes", "Resident memory of the server.",
+             memory.rss_mb * MB),
+            ("ccwrap_server_virtual_memory_bytes", "Virtual memory of the server.",
+             memory.vms_mb * MB),
+            ("ccwrap_cli_resident_memory_bytes", "Resident memory of the CLI process trees.",
+             memory.cli_rss_mb * MB),
+            ("ccwrap_memory_trend_bytes_per_second",
+             "Least-squares slope of the server's resident memory over the sampler window.",
+             self._sampler.trend_mb_per_min * MB / 60),
+        )
+        for name, help_text, reading in gauges:
+            yield GaugeMetricFamily(name, help_text, value=reading)
+
+        yield InfoMetricFamily("ccwrap", "ccwrap-trio version.", value={"version": __version__})
+
+
+def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:
+    buckets = [(f"{bound:g}", count) for bound, count in zip(
+        histogram.buckets, histogram.counts, strict=True)]
+    buckets.append(("+Inf", histogram.count))
+    return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=histogram.total)
+
+
+def registry_for(
+    config: Config, supervisor: Supervisor, sampler: MemorySampler, http: HttpRequests
+) -> CollectorRegistry:
+    """A registry of this server's own (no process-global default registry: tests run many)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(config, supervisor, sampler, http))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
