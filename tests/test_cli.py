@@ -130,21 +130,40 @@ def test_api_keys_are_parsed_and_never_shown() -> None:
 
 
 @asynccontextmanager
-async def server_process(env: dict[str, str]) -> AsyncIterator[tuple[trio.Process, str]]:
-    """``python -m ccwrap_trio serve`` on port 0; yields (process, base URL) once it listens."""
+async def server_process(
+    env: dict[str, str],
+) -> AsyncIterator[tuple[trio.Process, str, bytearray]]:
+    """``python -m ccwrap_trio serve`` on port 0; yields (process, base URL, its stderr so far).
+
+    Its stderr is read all along: the server logs every request, and a pipe nobody reads fills
+    and blocks it.
+    """
     process = await trio.lowlevel.open_process(
         [*ENTRY, "serve"], env={**os.environ, "CCWRAP_PORT": "0", "PYTHONUNBUFFERED": "1", **env},
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
     )
     assert process.stderr is not None
-    log = b""
+    stderr = process.stderr
+    log = bytearray()
+    listening = trio.Event()
+
+    async def drain() -> None:
+        while chunk := await stderr.receive_some(65536):
+            log.extend(chunk)
+            if not listening.is_set() and re.search(rb"listening on http://\S+", log):
+                listening.set()
+        listening.set()  # EOF: the server died; the caller's check below says so
+
     try:
-        with trio.fail_after(30):
-            while not (match := re.search(rb"listening on (http://\S+)", log)):
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-        yield process, match.group(1).decode()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            with trio.fail_after(30):
+                await listening.wait()
+            match = re.search(rb"listening on (http://\S+)", log)
+            assert match, log.decode()
+            yield process, match.group(1).decode(), log
+            if process.returncode is None:
+                nursery.cancel_scope.cancel()
     finally:
         if process.returncode is None:
             process.kill()
@@ -155,7 +174,7 @@ async def test_rapid_requests_keep_a_real_server_process_small(fake_cli: Path) -
     """The operator quick reference's stress test on a real server process."""
     env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_TURN_LIMIT": "10",
            "CCWRAP_MEMORY_SAMPLE_INTERVAL": "0.2"}
-    async with server_process(env) as (_, url):
+    async with server_process(env) as (_, url, _log):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
             for i in range(20):
                 reply = await trio.to_thread.run_sync(lambda i=i: client.chat.completions.create(
@@ -174,7 +193,7 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
 ) -> None:
     """SIGTERM: the running request finishes, new ones are refused, exit 0, no CLI left."""
     env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SHUTDOWN_GRACE": "10"}
-    async with server_process(env) as (process, url):
+    async with server_process(env) as (process, url, log):
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             with trio.fail_after(30):
                 while (await http.get("/health")).json()["status"] != "healthy":
@@ -194,12 +213,8 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
                 with pytest.raises(httpx.HTTPError):  # no longer accepting
                     async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
                         await fresh.get("/health")
-        assert process.stderr is not None
-        log = b""
         with trio.fail_after(30):
             code = await process.wait()
-            while chunk := await process.stderr.receive_some(4096):
-                log += chunk
     assert result["slow"].status_code == 200
     assert json.loads(result["slow"].content)["choices"][0]["message"]["content"] == (
         "echo: still answered")
