@@ -62,6 +62,7 @@ def make_config(tmp_path: Path, fake_cli: Path) -> Any:
         environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **(env or {})}
         base = Config(
             port=0,
+            standby=False,  # one CLI per server unless a test asks for the standby
             claude_bin=str(fake_cli),
             workdir=workdir,
             query_timeout_s=10.0,
@@ -113,6 +114,7 @@ async def real_stack(
         }
         config = Config(
             port=0,
+            standby=False,
             claude_bin=real_claude_bin(),
             query_timeout_s=60.0,
             startup_timeout_s=60.0,

@@ -87,7 +87,7 @@ async def test_proactive_restart_spawns_a_new_cli(
     assert health["stats"]["proactive_restarts"] == 2
     assert caplog.text.count("[PROACTIVE] Inline restart: turn_pct=80.0") == 2
     assert caplog.text.count("[RESTART] Memory after:") == 2
-    assert len(set(pids)) == 3
+    assert len(set(pids) - {None}) == 3  # None: polled while a restart was under way
     assert len(standin.calls) == 9
 
 

@@ -27,6 +27,7 @@ from ccwrap_trio.supervisor import Supervisor
 from .fakes import TURN_S, FakeSessions
 
 CONFIG = Config(
+    standby=False,  # tests/test_pool.py covers the standby
     turn_limit=10,
     token_limit=150_000,
     query_timeout_s=30.0,

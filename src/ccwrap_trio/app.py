@@ -254,7 +254,13 @@ def health_body(
             "cli_rss_mb": round(memory.cli_rss_mb, 1),
             "trend_mb_per_min": round(sampler.trend_mb_per_min, 2),
         },
-        "sessions": [dataclasses.asdict(session) for session in stats.sessions],
+        "sessions": [
+            dataclasses.asdict(session)
+            | {"cli_rss_mb": round(memory.cli_rss_by_pid.get(session.pid or -1, 0.0), 1)}
+            for session in stats.sessions
+        ],
+        "standby": {"enabled": supervisor.spawner.standby_enabled,
+                    "pid": supervisor.spawner.standby_pid()},
         "session": {
             "pid": first.pid if first else None,
             "uptime_s": round(first.uptime_s, 1) if first else 0.0,

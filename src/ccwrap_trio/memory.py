@@ -10,7 +10,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import trio
@@ -29,7 +29,8 @@ class MemorySample:
     at: float  # trio clock, seconds
     rss_mb: float
     vms_mb: float
-    cli_rss_mb: float
+    cli_rss_mb: float  # every CLI process tree together
+    cli_rss_by_pid: dict[int, float] = field(default_factory=dict)  # each CLI's tree
 
 
 def server_rss_mb() -> float:
@@ -56,7 +57,8 @@ def process_tree_rss_mb(pids: Iterable[int]) -> float:
 
 def take_sample(cli_pids: Iterable[int], at: float) -> MemorySample:
     info = _self.memory_info()
-    return MemorySample(at, info.rss / MB, info.vms / MB, process_tree_rss_mb(cli_pids))
+    by_pid = {pid: process_tree_rss_mb([pid]) for pid in cli_pids}
+    return MemorySample(at, info.rss / MB, info.vms / MB, sum(by_pid.values()), by_pid)
 
 
 def trend_mb_per_min(samples: Iterable[MemorySample]) -> float:

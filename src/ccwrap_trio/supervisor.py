@@ -36,6 +36,7 @@ from .errors import (
     SpawnFailed,
 )
 from .memory import process_tree_rss_mb, server_rss_mb
+from .spawner import Spawner
 from .stats import Activity, Counters, Statistics, WorkerStatistics
 from .structured import StructuredOutput
 
@@ -115,14 +116,14 @@ class SessionWorker:
     def __init__(
         self,
         config: Config,
-        open_session: SessionFactory,
+        spawner: Spawner,
         receive: trio.MemoryReceiveChannel[Query],
         counters: Counters,
         activity: Activity,
         rss_probe: Callable[[int], float] | None = None,
     ) -> None:
         self._config = config
-        self._open_session = open_session
+        self._spawner = spawner
         self._receive = receive
         self._counters = counters
         self._activity = activity
@@ -164,27 +165,7 @@ class SessionWorker:
             if failures:
                 await self._back_off(failures)
             try:
-                async with self._open_session() as session:
-                    failures = 0
-                    self.session = session
-                    self.status = "healthy"
-                    if restart is not None:
-                        after = server_rss_mb()
-                        log.info(
-                            "[RESTART] Memory after: %.1f MB (delta: %+.1f MB) pid=%d",
-                            after, after - memory_before, session.pid,
-                            extra={"rss_mb": round(after, 1), "pid": session.pid,
-                                   "delta_mb": round(after - memory_before, 1)},
-                        )
-                    restart, pending = await self._serve(session, pending)
-                    self.status = "restarting"
-                    memory_before = server_rss_mb()
-                    self._count_restart(restart)
-                    cli_mb = process_tree_rss_mb([session.pid])
-                    log.info(
-                        "[RESTART] Memory before: %.1f MB (cli %.1f MB)", memory_before, cli_mb,
-                        extra={"rss_mb": round(memory_before, 1), "cli_rss_mb": round(cli_mb, 1)},
-                    )
+                lease = await self._spawner.acquire()
             except SpawnFailed as exc:
                 failures += 1
                 log.error("[RESTART] FAILED: %s", exc)
@@ -197,8 +178,34 @@ class SessionWorker:
                         self._reply(pending, SessionUnavailable("no CLI session: recovery failed"))
                         pending = None
                     self._fail_queued()
+                continue
+            failures = 0
+            session = self.session = lease.session
+            self.status = "healthy"
+            try:
+                if restart is not None:
+                    after = server_rss_mb()
+                    log.info(
+                        "[RESTART] Memory after: %.1f MB (delta: %+.1f MB) pid=%d",
+                        after, after - memory_before, session.pid,
+                        extra={"rss_mb": round(after, 1), "pid": session.pid,
+                               "delta_mb": round(after - memory_before, 1)},
+                    )
+                restart, pending = await self._serve(session, pending)
+                self.status = "restarting"
+                memory_before = server_rss_mb()
+                self._count_restart(restart)
+                cli_mb = process_tree_rss_mb([session.pid])
+                log.info(
+                    "[RESTART] Memory before: %.1f MB (cli %.1f MB)", memory_before, cli_mb,
+                    extra={"rss_mb": round(memory_before, 1), "cli_rss_mb": round(cli_mb, 1)},
+                )
             finally:
                 self.session = None
+                if self._spawner.standby_ready:
+                    lease.release()  # the standby takes over at once; the old CLI ends aside
+                else:
+                    await lease.close()  # one CLI at a time: end it before spawning the next
 
     def _count_restart(self, restart: Restart) -> None:
         counters = self._counters
@@ -482,9 +489,10 @@ class Supervisor:
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
         self.counters = Counters()
         self.activity = Activity()
+        self.spawner = Spawner(open_session, standby=config.standby)
         self.workers = [
             SessionWorker(
-                config, open_session, self._receive, self.counters, self.activity, rss_probe
+                config, self.spawner, self._receive, self.counters, self.activity, rss_probe
             )
             for _ in range(sessions)
         ]
@@ -497,6 +505,7 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the workers until cancelled; ready (queries accepted) once they are started."""
         async with self._receive, trio.open_nursery() as nursery:
+            await nursery.start(self.spawner.run)
             for worker in self.workers:
                 await nursery.start(worker.run)
             task_status.started()
@@ -510,7 +519,8 @@ class Supervisor:
         return self._shutting_down
 
     def cli_pids(self) -> list[int]:
-        return [s.pid for w in self.workers if (s := w.session) is not None and s.alive]
+        """Every live CLI: the workers' sessions and the standby."""
+        return self.spawner.pids()
 
     def statistics(self) -> Statistics:
         workers = [worker.statistics() for worker in self.workers]
