@@ -12,7 +12,12 @@ NODE_CLIENT := tests/clients/node/node_modules/.package-lock.json
 
 .PHONY: install demo serve test lint clean
 
-install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT)
+install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) chromium
+
+# Debian's Chromium drives the status page test (tests/test_status_page.py).
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 $(BIN)/ccwrap-trio: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -118,7 +118,16 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
 
     @app.get("/status")
     async def status_page() -> Any:
-        return Response(await trio.Path(STATUS_PAGE).read_bytes(), content_type="text/html")
+        response = Response(
+            await trio.Path(STATUS_PAGE).read_bytes(), content_type="text/html; charset=utf-8"
+        )
+        response.headers["Cache-Control"] = "no-cache"
+        # The browser itself enforces "self-contained": nothing may load from elsewhere.
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src data:"
+        )
+        return response
 
     @app.get("/status/history")
     async def status_history() -> Any:
