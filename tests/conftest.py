@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -128,6 +129,27 @@ async def real_stack(
         async with running_server(config) as url:
             yield url, standin, config
         nursery.cancel_scope.cancel()
+
+
+async def stream_until(url: str, body: dict[str, Any], marker: bytes) -> bytes:
+    """POST ``body`` over a raw socket, read until ``marker`` arrives, then walk away.
+
+    A raw socket, so that leaving is a plain close, as a crashed client's would be (HTTP client
+    libraries leave half-read streams to the garbage collector).
+    """
+    payload = json.dumps(body).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
+    received = b""
+    with trio.fail_after(60):
+        while marker not in received:
+            received += await stream.receive_some(65536)
+    await stream.aclose()
+    return received
 
 
 async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0.02) -> None:

@@ -7,7 +7,6 @@ the HTTP socket, and the Anthropic Messages stand-in that the CLI calls on 127.0
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ccwrap_trio.config import Config, child_environment
 from ccwrap_trio.session import open_session
 from ccwrap_trio.standin import Standin, StandinConfig
 
-from .conftest import real_claude_bin, real_stack
+from .conftest import real_claude_bin, real_stack, stream_until
 
 pytestmark = pytest.mark.real_cli
 
@@ -193,21 +192,9 @@ async def test_a_model_asking_for_tools_runs_nothing(tmp_path: Path) -> None:
 
 async def test_streaming_and_disconnect_with_the_real_cli(tmp_path: Path) -> None:
     async with real_stack(tmp_path) as (url, standin, _):
-        port = int(url.rsplit(":", 1)[1])
         words = " ".join(f"w{i}" for i in range(60))
-        payload = json.dumps({"stream": True, "messages": [
-            {"role": "user", "content": f"{words} [standin:delay=0.1]"}]}).encode()
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(payload)).encode() + b"\r\n\r\n" + payload
-        )
-        received = b""
-        with trio.fail_after(60):
-            while b" w3" not in received:
-                received += await stream.receive_some(65536)
-        await stream.aclose()  # the client goes away mid-stream
+        received = await stream_until(url, {"stream": True, "messages": [
+            {"role": "user", "content": f"{words} [standin:delay=0.1]"}]}, b" w3")
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             ok = await http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "next after disconnect"}]})

@@ -18,7 +18,7 @@ import trio
 from ccwrap_trio.openai_api import AnswerLimiter
 from ccwrap_trio.structured import StructuredOutput, extract_json
 
-from .conftest import running_server
+from .conftest import running_server, stream_until
 
 PNG_1PX = base64.b64encode(
     bytes.fromhex(
@@ -143,20 +143,7 @@ async def test_client_disconnect_mid_stream_interrupts_and_next_request_is_serve
     config = make_config(env={"FAKE_CLAUDE_LOG": str(log)})
     async with running_server(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         words = " ".join(f"w{i}" for i in range(100))
-        payload = json.dumps(body(f"FAKE:delay=0.1 {words}", stream=True)).encode()
-        port = int(url.rsplit(":", 1)[1])
-        # A raw socket, so that walking away is a plain close, as a crashed client's would be.
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(payload)).encode() + b"\r\n\r\n" + payload
-        )
-        received = b""
-        with trio.fail_after(10):
-            while b"w2" not in received:
-                received += await stream.receive_some(65536)
-        await stream.aclose()  # the client walks away mid-stream
+        await stream_until(url, body(f"FAKE:delay=0.1 {words}", stream=True), b"w2")
         with trio.fail_after(10):
             while '"control_request"' not in log.read_text():
                 await trio.sleep(0.05)

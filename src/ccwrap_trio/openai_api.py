@@ -407,12 +407,7 @@ def chunk(
     finish_reason: str | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` of a stream."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
+    return _chunk(completion_id, created, model) | {
         "choices": [
             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         ],
@@ -421,14 +416,16 @@ def chunk(
 
 def usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    return _chunk(completion_id, created, model) | {"choices": [], "usage": usage_object(usage)}
+
+
+def _chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [],
-        "usage": usage_object(usage),
     }
 
 
