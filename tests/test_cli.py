@@ -221,3 +221,17 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
     assert code == 0, log.decode()
     assert b"SIGTERM received" in log
     assert not psutil.pid_exists(cli_pid)
+
+
+async def test_idle_keep_alive_clients_do_not_hold_shutdown(fake_cli: Path) -> None:
+    """SIGTERM with nothing in flight exits at once, even with keep-alive connections open."""
+    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SHUTDOWN_GRACE": "30"}
+    async with server_process(env) as (process, url, _log):
+        async with httpx.AsyncClient(base_url=url) as http:  # keeps its connection open
+            await http.get("/health")
+            start = trio.current_time()
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                code = await process.wait()
+    assert code == 0
+    assert trio.current_time() - start < 10  # not the 30 s grace

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -78,6 +79,36 @@ class Services:
         )
 
 
+class InFlight:
+    """ASGI middleware counting HTTP exchanges from request to the last byte of the response.
+
+    On shutdown, Hypercorn would hold idle keep-alive connections open for the whole grace
+    period; this tells ``serve`` when nothing is in flight any more, so it can stop at once.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self.count = 0
+        self._idle = trio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        self.count += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+                self._idle = trio.Event()
+
+    async def wait_idle(self) -> None:
+        if self.count:
+            await self._idle.wait()
+
+
 def hypercorn_config(config: Config) -> HypercornConfig:
     hypercorn = HypercornConfig()
     hypercorn.bind = [_bind(config.host, config.port)]
@@ -102,7 +133,7 @@ async def serve(
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
     services = Services(config, session_factory_override)
-    app = services.create_app()
+    app = InFlight(services.create_app())
 
     async def stop_accepting() -> None:
         await shutdown.wait()
@@ -122,8 +153,17 @@ async def serve(
             # cancelling the services ends and reaps the CLI.
             nursery.cancel_scope.cancel()
 
+        async def stop_when_idle() -> None:
+            # Requests in flight finish (within the grace); then idle keep-alive connections
+            # are not worth waiting for.
+            await shutdown.wait()
+            with trio.move_on_after(config.shutdown_grace_s):
+                await app.wait_idle()
+            nursery.cancel_scope.cancel()
+
         await nursery.start(services.run)
         urls = await nursery.start(run_http)
+        nursery.start_soon(stop_when_idle)
         log.info("ccwrap-trio listening on %s", ", ".join(urls))
         task_status.started(urls)
 
