@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -117,6 +118,7 @@ async def serve_command(
     process = await trio.lowlevel.open_process(
         argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=str(ROOT),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: cleanup reaches Hypercorn's workers
     )
     assert process.stderr is not None
     log = b""
@@ -126,6 +128,12 @@ async def serve_command(
             assert chunk, log.decode()
             log += chunk
     return process, match.group(1).decode()
+
+
+def kill_group(process: trio.Process) -> None:
+    """Leave nothing behind: the server, Hypercorn's workers and any CLI they started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def read_rest(process: trio.Process) -> str:
@@ -153,9 +161,8 @@ async def test_json_logs_from_a_real_server(fake_cli: Path) -> None:
         output = await read_rest(process)
         assert await process.wait() == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        kill_group(process)
+        await process.wait()
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert len(lines) == len([line for line in output.splitlines() if line.strip()])
     done = [line for line in lines if line["marker"] == "DONE"]
@@ -195,9 +202,8 @@ async def test_hypercorn_command_runs_the_app_with_its_lifespan(fake_cli: Path) 
         output = await read_rest(process)
         code = await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        kill_group(process)
+        await process.wait()
     assert result["r"].status_code == 200, output
     assert result["r"].json()["choices"][0]["message"]["content"] == "echo: via hypercorn"
     assert code == 0, output

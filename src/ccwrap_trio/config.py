@@ -52,9 +52,9 @@ CHILD_ENV_PASSTHROUGH = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
-# Credentials that make the CLI bill an API account instead of the subscription login under
-# $HOME/.claude: forwarded only when the operator says so (CCWRAP_FORWARD_API_KEY=1).
-CHILD_ENV_API_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+# Credentials that make the CLI use an API account or a token instead of the subscription login
+# under $HOME/.claude: forwarded only when the operator says so (CCWRAP_FORWARD_API_KEY=1).
+CHILD_ENV_API_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 
 
 def _integer(low: int, high: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -195,7 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds an interrupted turn may take to end before the CLI is killed",
     ),
     Setting(
-        "CCWRAP_SHUTDOWN_GRACE", "shutdown_grace_s", _seconds(), "30",
+        "CCWRAP_SHUTDOWN_GRACE", "shutdown_grace_s", _seconds(), "330",
         "seconds in-flight requests may take to finish on SIGTERM",
     ),
     Setting(
@@ -267,7 +267,7 @@ class Config:
     workdir: Path | None = None
     startup_timeout_s: float = 60.0
     interrupt_grace_s: float = 5.0
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: float = 330.0  # longer than the query timeout: in-flight requests finish
     forward_api_key: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of repr
     max_body_bytes: int = 10 * 1024 * 1024

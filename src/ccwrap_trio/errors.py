@@ -62,3 +62,7 @@ class EmptyResponse(CcwrapError):
 
 class InvalidStructuredOutput(CcwrapError):
     """The answer did not validate against the requested schema, even after repair turns."""
+
+
+class InternalError(CcwrapError):
+    """A bug: something failed that should not have. Logged with its traceback."""

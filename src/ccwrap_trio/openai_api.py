@@ -21,6 +21,7 @@ from .errors import (
     CliError,
     ContextLengthExceeded,
     EmptyResponse,
+    InternalError,
     InvalidRequest,
     InvalidStructuredOutput,
     QueryTimeout,
@@ -78,7 +79,7 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     """Validate a chat-completions body; raise InvalidRequest naming the offending param."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from None
@@ -276,7 +277,8 @@ def render_prompt(turns: list[tuple[str, list[Part]]]) -> Content:
     """
     if len(turns) == 1 and turns[0][0] == "user":
         parts = turns[0][1]
-        if not (parts and isinstance(parts[0], str) and parts[0].lstrip().startswith("/")):
+        # The CLI reads the first text block as a slash command even after an image.
+        if not any(isinstance(part, str) and part.lstrip().startswith("/") for part in parts):
             return _blocks(parts)
     parts = [
         "The request is the conversation below, one block per message, oldest first. "
@@ -431,7 +433,8 @@ def _chunk(completion_id: str, created: int, model: str) -> dict[str, Any]:
 
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event frame."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    # ASCII with escapes: a lone surrogate in a model name or an answer cannot break the frame.
+    payload = data if isinstance(data, str) else json.dumps(data)
     return f"data: {payload}\n\n".encode()
 
 
@@ -476,6 +479,7 @@ ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
     (QueryTimeout, 504, "timeout", "query_timeout"),
     (EmptyResponse, 502, "api_error", "empty_response"),
     (InvalidStructuredOutput, 502, "api_error", "invalid_structured_output"),
+    (InternalError, 500, "server_error", None),
     (CliError, 502, "api_error", "cli_error"),
     (SessionCrashed, 502, "api_error", "cli_crashed"),
 )

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+import referencing
+import referencing.jsonschema
 from jsonschema.exceptions import SchemaError
 
 from .errors import InvalidRequest
@@ -67,13 +69,35 @@ class StructuredOutput:
                 "'response_format.json_schema.schema' must be a JSON Schema object.",
                 param="response_format.json_schema.schema",
             )
+        param = "response_format.json_schema.schema"
         try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
+            _validator_class(schema).check_schema(schema)
         except SchemaError as exc:
             raise InvalidRequest(
-                f"'response_format.json_schema.schema' is not a valid JSON Schema: "
-                f"{exc.message}",
-                param="response_format.json_schema.schema",
+                f"'{param}' is not a valid JSON Schema: {exc.message}", param=param
+            ) from None
+        except Exception as exc:  # a malformed "$schema" and the like trip the library itself
+            raise InvalidRequest(
+                f"'{param}' is not a valid JSON Schema: {exc}", param=param
+            ) from None
+        for ref in _refs(schema):
+            # Only references inside the schema: nothing is ever fetched (no SSRF, no files).
+            if not ref.startswith("#"):
+                raise InvalidRequest(
+                    f"'{param}': only local '$ref's ('#/...') are supported, got {ref!r}.",
+                    param=param,
+                )
+            try:
+                _registry(schema).resolver().lookup(ref)
+            except Exception:
+                raise InvalidRequest(
+                    f"'{param}': '$ref' {ref!r} does not resolve inside the schema.", param=param
+                ) from None
+        try:
+            _validator_class(schema)(schema, registry=_registry(schema)).is_valid(None)
+        except RecursionError:
+            raise InvalidRequest(
+                f"'{param}' refers to itself without end: no answer could validate.", param=param
             ) from None
         return cls(schema, name)
 
@@ -99,11 +123,14 @@ class StructuredOutput:
         value, error = extract_json(text)
         if error is not None:
             return None, [error]
-        validator = jsonschema.validators.validator_for(self.schema)(self.schema)
-        errors = [
-            f"at {error.json_path}: {error.message[:300]}"
-            for error in sorted(validator.iter_errors(value), key=lambda e: list(e.path))
-        ]
+        validator = _validator_class(self.schema)(self.schema, registry=_registry(self.schema))
+        try:
+            errors = [
+                f"at {error.json_path}: {error.message[:300]}"
+                for error in sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+            ]
+        except RecursionError:  # a schema that refers to itself without end
+            return None, ["the schema recurses without end; it cannot validate any answer"]
         if errors:
             return None, errors
         return json.dumps(value, ensure_ascii=False), []
@@ -111,6 +138,29 @@ class StructuredOutput:
     def _schema_block(self) -> str:
         # The fence label lets the stand-in API (and a reader of the logs) find the schema.
         return "```json-schema\n" + json.dumps(self.schema, ensure_ascii=False) + "\n```"
+
+
+def _validator_class(schema: dict[str, Any]) -> Any:
+    # An explicit default: an unknown "$schema" means the latest draft, without a warning.
+    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+
+
+def _registry(schema: dict[str, Any]) -> referencing.Registry[Any]:
+    """A registry holding only this schema: '$ref's resolve inside it, never by retrieval."""
+    resource = referencing.Resource.from_contents(
+        schema, default_specification=referencing.jsonschema.DRAFT202012
+    )
+    registry: referencing.Registry[Any] = referencing.Registry().with_resource("", resource)
+    return registry
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in _refs(value)]
+    return []
 
 
 def extract_json(text: str) -> tuple[Any, str | None]:

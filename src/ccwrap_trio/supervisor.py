@@ -1,10 +1,10 @@
-"""The restart supervisor: the query channel, the worker that owns the CLI session, the policy.
+"""The restart supervisor: the query channel, the workers that serve on CLI sessions, the policy.
 
-``Supervisor.query`` is the front door: it puts a ``Query`` (carrying its own reply channel) into a
-bounded memory channel and waits for the reply. A ``SessionWorker`` is the only receiver: it owns
-one CLI session at a time and, between two queries, decides whether that session must be replaced
-(thresholds, crash, undrained interrupt). Restart is a loop, never recursion; recovery state is
-plain data. Several workers may drain the same channel (a pool); this release runs one.
+``Supervisor.submit`` is the front door: it puts a ``Query`` (carrying its own reply channel) into
+a bounded memory channel and returns a ``QueryHandle`` to read the reply from. ``SessionWorker``s
+(``CCWRAP_SESSIONS`` of them) are the only receivers: each serves on one leased CLI session at a
+time and, between two queries, decides whether that session must be replaced (thresholds, memory,
+crash, undrained interrupt). Restart is a loop, never recursion; recovery state is plain data.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .errors import (
     CliError,
     ContextLengthExceeded,
     EmptyResponse,
+    InternalError,
     InvalidStructuredOutput,
     QueryTimeout,
     QueueFull,
@@ -111,7 +112,7 @@ class Restart:
 
 
 class SessionWorker:
-    """Owns one CLI session at a time: serves queries, restarts, recovers. Started by Supervisor."""
+    """Serves on one leased CLI session at a time: queries, restarts, recovery."""
 
     def __init__(
         self,
@@ -353,6 +354,10 @@ class SessionWorker:
                 # The accumulated conversation is full: only a new session helps.
                 self._recycle = Restart("hard", "prompt is too long")
             self._reply(query, exc)
+        except Exception:
+            # A bug must cost this one request, never the worker (and with it the server).
+            log.exception("[ERROR] Unexpected error request_id=%s", query.request_id)
+            self._reply(query, InternalError("the server had an error processing your request"))
         finally:
             self.active = None
         return True
