@@ -35,6 +35,8 @@ OPEN_PATHS = frozenset(
     {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
 )
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
+# Answered before the request body is read (auth, routing, size): close those connections.
+UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
 def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -> QuartTrio:
@@ -62,6 +64,9 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         response.headers["X-Request-ID"] = g.get("request_id", "")
         rule = request.url_rule
         http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
+        if response.status_code in UNREAD_BODY_STATUSES and _has_body():
+            # Answered without reading the body: the connection cannot be reused safely.
+            response.headers["Connection"] = "close"
         return response
 
     @app.post("/v1/chat/completions")
@@ -162,6 +167,11 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         ), 500
 
     return app
+
+
+def _has_body() -> bool:
+    length = request.headers.get("Content-Length", "0")
+    return "chunked" in request.headers.get("Transfer-Encoding", "") or length not in ("", "0")
 
 
 def _authenticate(api_keys: list[bytes]) -> Any:
