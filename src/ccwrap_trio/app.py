@@ -35,7 +35,9 @@ OPEN_PATHS = frozenset(
     {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
 )
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
-# Answered before the request body is read (auth, routing, size): close those connections.
+# A body left unread can hang a keep-alive connection: routes that read theirs, and the statuses
+# answered before the body is read (auth, routing, size).
+BODY_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})
 UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
@@ -64,7 +66,8 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         response.headers["X-Request-ID"] = g.get("request_id", "")
         rule = request.url_rule
         http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
-        if response.status_code in UNREAD_BODY_STATUSES and _has_body():
+        body_read = rule is not None and rule.rule in BODY_ROUTES
+        if _has_body() and (response.status_code in UNREAD_BODY_STATUSES or not body_read):
             # Answered without reading the body: the connection cannot be reused safely.
             response.headers["Connection"] = "close"
         return response

@@ -303,6 +303,11 @@ def _blocks(parts: list[Part]) -> Content:
             blocks[-1]["text"] += part
         elif part:
             blocks.append({"type": "text", "text": part})
+    for block in blocks:
+        # The CLI runs a text block that starts with "/" as a slash command (the last one, seen
+        # on 2.1.332); a leading newline keeps it text.
+        if block["type"] == "text" and block["text"].startswith("/"):
+            block["text"] = "\n" + block["text"]
     return blocks
 
 
