@@ -86,11 +86,14 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
 
-    model = data.get("model", default_model)
+    model = data.get("model") if data.get("model") is not None else default_model
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
     for name, why in UNSUPPORTED.items():
-        if data.get(name) not in (None, [], {}):
+        # "none" (and "auto" with no tools) asks for no function calling: nothing to refuse.
+        if data.get(name) not in (None, [], {}, "none") and not (
+            name == "tool_choice" and data.get(name) == "auto" and not data.get("tools")
+        ):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
     _check_accepted_fields(data)
     stream = _boolean(data, "stream")
@@ -123,24 +126,33 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
 
 
 def _check_accepted_fields(data: dict[str, Any]) -> None:
-    n = data.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
+    if _integer(data, "n") not in (None, 1):
         raise InvalidRequest("'n' must be 1: only one choice per request is supported.",
                              param="n", code="unsupported")
-    if data.get("logprobs") not in (None, False) or data.get("top_logprobs") is not None:
-        param = "logprobs" if data.get("logprobs") not in (None, False) else "top_logprobs"
+    if _boolean(data, "logprobs") or data.get("top_logprobs") is not None:
+        param = "logprobs" if data.get("logprobs") else "top_logprobs"
         raise InvalidRequest(f"'{param}' is not supported: the CLI reports no log probabilities.",
                              param=param, code="unsupported")
     for name in NUMBER_FIELDS:
         value = data.get(name)
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise InvalidRequest(f"'{name}' must be a number.", param=name)
-    seed = data.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest("'seed' must be an integer.", param="seed")
+    _integer(data, "seed")
     user = data.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", param="user")
+
+
+def _integer(data: dict[str, Any], name: str) -> int | None:
+    """An integer field; 5.0 counts as 5, as in JSON Schema."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be an integer.", param=name)
+    return value
 
 
 def _boolean(data: dict[str, Any], name: str) -> bool:
@@ -169,10 +181,10 @@ def _stop(value: Any) -> tuple[str, ...]:
 def _max_tokens(data: dict[str, Any]) -> int | None:
     limit = None
     for name in ("max_tokens", "max_completion_tokens"):
-        value = data.get(name)
+        value = _integer(data, name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if value < 1:
             raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
         limit = value if limit is None else min(limit, value)
     return limit
