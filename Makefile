@@ -12,12 +12,14 @@ NODE_CLIENT := tests/clients/node/node_modules/.package-lock.json
 
 .PHONY: install demo serve test lint clean
 
-install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) chromium
+install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) system-packages
 
-# Debian's Chromium drives the status page test (tests/test_status_page.py).
-.PHONY: chromium
-chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+# Debian's Chromium drives the status page test (tests/test_status_page.py); promtool (Debian's
+# prometheus) checks and unit-tests the alert rules (tests/test_deployment_files.py).
+.PHONY: system-packages
+system-packages:
+	@command -v chromium >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && apt-get install -y -qq chromium prometheus >/dev/null; }
 
 $(BIN)/ccwrap-trio: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
