@@ -46,7 +46,7 @@ serve: $(BIN)/ccwrap-trio
 	$(BIN)/ccwrap-trio serve
 
 lint: $(BIN)/ccwrap-trio
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
 
 test: install lint
