@@ -10,7 +10,7 @@ CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
 # The openai npm package for the Node client test; npm ci writes this marker.
 NODE_CLIENT := tests/clients/node/node_modules/.package-lock.json
 
-.PHONY: install demo serve test lint clean
+.PHONY: install demo serve test lint bench clean
 
 install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) system-packages
 
@@ -46,11 +46,16 @@ serve: $(BIN)/ccwrap-trio
 	$(BIN)/ccwrap-trio serve
 
 lint: $(BIN)/ccwrap-trio
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts bench
 	$(BIN)/mypy
 
 test: install lint
 	CCWRAP_TEST_CLAUDE_BIN=$(CURDIR)/$(CLAUDE) $(BIN)/pytest
+
+# Benchmarks side by side (docs/benchmarks.md); ~10 minutes, --quick for ~2.
+bench: install
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
+	$(BIN)/python bench/run.py --chart docs/benchmarks.png
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -132,3 +132,13 @@ class FakeSessions:
         finally:
             session.die()
             self.closed.append(session)
+
+
+def fake_rss(rss: dict[int, float]) -> Callable[[int], Awaitable[float]]:
+    """A CLI memory probe reading ``rss`` by pid (200 MB when absent), without a thread: threads
+    are invisible to trio's mock clock."""
+
+    async def probe(pid: int) -> float:
+        return rss.get(pid, 200.0)
+
+    return probe

@@ -20,7 +20,7 @@ from ccwrap_trio.errors import SessionCrashed
 from ccwrap_trio.supervisor import Supervisor
 
 from .conftest import real_stack, running_server
-from .fakes import TURN_S, FakeSessions
+from .fakes import TURN_S, FakeSessions, fake_rss
 
 CONFIG = Config(turn_limit=10, query_timeout_s=60.0, standby=True)
 
@@ -34,7 +34,7 @@ def clock() -> trio.testing.MockClock:
 async def supervised(fake: FakeSessions, **overrides: Any) -> AsyncIterator[Supervisor]:
     config = dataclasses.replace(CONFIG, **overrides)
     supervisor = Supervisor(
-        config, fake, sessions=config.sessions, rss_probe=lambda pid: 100.0
+        config, fake, sessions=config.sessions, rss_probe=fake_rss({})
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

@@ -24,7 +24,7 @@ from ccwrap_trio.errors import (
 )
 from ccwrap_trio.supervisor import Supervisor
 
-from .fakes import TURN_S, FakeSessions
+from .fakes import TURN_S, FakeSessions, fake_rss
 
 CONFIG = Config(
     standby=False,  # tests/test_pool.py covers the standby
@@ -51,7 +51,7 @@ async def supervised(
     supervisor = Supervisor(
         dataclasses.replace(CONFIG, **overrides),  # type: ignore[arg-type]
         sessions,
-        rss_probe=lambda pid: rss.get(pid, 200.0),
+        rss_probe=fake_rss(rss),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

@@ -80,6 +80,12 @@ class SessionLike(Protocol):
 
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
+RssProbe = Callable[[int], Awaitable[float]]
+
+
+async def _cli_rss_mb(pid: int) -> float:
+    # psutil walks /proc: milliseconds on a busy host, so off the event loop.
+    return await trio.to_thread.run_sync(process_tree_rss_mb, [pid])
 
 
 @dataclass(eq=False)
@@ -121,7 +127,7 @@ class SessionWorker:
         receive: trio.MemoryReceiveChannel[Query],
         counters: Counters,
         activity: Activity,
-        rss_probe: Callable[[int], float] | None = None,
+        rss_probe: RssProbe | None = None,
     ) -> None:
         self._config = config
         self._spawner = spawner
@@ -129,7 +135,7 @@ class SessionWorker:
         self._counters = counters
         self._activity = activity
         # How big a CLI process tree is, in MB (psutil; tests give a fake).
-        self._rss_probe = rss_probe or (lambda pid: process_tree_rss_mb([pid]))
+        self._rss_probe = rss_probe or _cli_rss_mb
         self._rss_checked_at = -math.inf
         # Set when a turn shows the session cannot go on (its context is full).
         self._recycle: Restart | None = None
@@ -196,7 +202,7 @@ class SessionWorker:
                 self.status = "restarting"
                 memory_before = server_rss_mb()
                 self._count_restart(restart)
-                cli_mb = process_tree_rss_mb([session.pid])
+                cli_mb = await self._rss_probe(session.pid)
                 log.info(
                     "[RESTART] Memory before: %.1f MB (cli %.1f MB)", memory_before, cli_mb,
                     extra={"rss_mb": round(memory_before, 1), "cli_rss_mb": round(cli_mb, 1)},
@@ -260,7 +266,7 @@ class SessionWorker:
         """Answer queries on ``session`` until it must be replaced; say why."""
         needs_clear = False
         while True:
-            if (restart := self._restart_needed(session)) is not None:
+            if (restart := await self._restart_needed(session)) is not None:
                 return restart, pending
             if needs_clear:
                 try:
@@ -288,7 +294,7 @@ class SessionWorker:
                 kind = "timeout" if query.abandoned == "timeout" else "crash"
                 return Restart(kind, session.broken or session.describe_exit()), None
 
-    def _restart_needed(self, session: SessionLike) -> Restart | None:
+    async def _restart_needed(self, session: SessionLike) -> Restart | None:
         config = self._config
         if self._recycle is not None:
             restart, self._recycle = self._recycle, None
@@ -306,7 +312,7 @@ class SessionWorker:
         now = trio.current_time()
         if session.turns and now - self._rss_checked_at >= config.memory_sample_interval_s:
             self._rss_checked_at = now
-            rss_mb = self._rss_probe(session.pid)
+            rss_mb = await self._rss_probe(session.pid)
             if rss_mb > config.cli_rss_limit_mb:
                 return Restart("memory", f"cli_rss_mb={rss_mb:.1f} > {config.cli_rss_limit_mb}")
         return None
@@ -488,7 +494,7 @@ class Supervisor:
         open_session: SessionFactory,
         *,
         sessions: int = 1,
-        rss_probe: Callable[[int], float] | None = None,
+        rss_probe: RssProbe | None = None,
     ) -> None:
         self._config = config
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
