@@ -51,6 +51,8 @@ from typing import Any
 import httpx
 import psutil
 
+from ccwrap_trio.memory import least_squares_slope
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENV_BIN = Path(sys.executable).parent
@@ -828,7 +830,7 @@ def comparison_5(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
     raw_growth = (end - idle) / done * 1000
     # Slope after the first tenth (imports and caches filled by the first requests).
     steady = samples[2:] if len(samples) > 3 else samples
-    slope = least_squares(steady) * 1000
+    slope = (least_squares_slope(steady) or 0.0) * 1000
     fake_restarts = fake.health()["stats"]["restart_count"]
     bench.procs.stop(fake)
 
@@ -904,16 +906,6 @@ def comparison_5(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
 
 def fmt_mb(values: list[float]) -> str:
     return " / ".join(f"{v:.0f}" for v in values) + " MB"
-
-
-def least_squares(points: list[tuple[int, float]]) -> float:
-    n = len(points)
-    if n < 2:
-        return 0.0
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    var = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ccwrap_trio.memory import least_squares_slope
+
 MODEL = "haiku"
 # A json_object prompt a real model answers with that object. Against the echo fakes (the
 # tests' fake CLI, the stand-in API) the echoed text also holds it: the sentence after it pushes
@@ -195,17 +197,8 @@ class Sample:
 
 def slope_per_1000(samples: list[Sample]) -> float | None:
     """Least-squares slope of rss_mb over requests done, in MB per 1,000 requests."""
-    points = [(s.done, s.rss_mb) for s in samples]
-    n = len(points)
-    if n < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var = sum((x - mean_x) ** 2 for x, _ in points)
-    if var == 0:
-        return None
-    cov = sum((x - mean_x) * (y - mean_y) for x, y in points)
-    return cov / var * 1000.0
+    slope = least_squares_slope((s.done, s.rss_mb) for s in samples)
+    return None if slope is None else slope * 1000.0
 
 
 def percentile(values: list[float], pct: float) -> float | None:

@@ -61,19 +61,24 @@ def take_sample(cli_pids: Iterable[int], at: float) -> MemorySample:
     return MemorySample(at, info.rss / MB, info.vms / MB, sum(by_pid.values()), by_pid)
 
 
-def trend_mb_per_min(samples: Iterable[MemorySample]) -> float:
-    """Least-squares slope of server RSS over time, in MB per minute (0 with under 2 samples)."""
-    points = [(s.at, s.rss_mb) for s in samples]
+def least_squares_slope(points: Iterable[tuple[float, float]]) -> float | None:
+    """The least-squares slope of y over x; None with fewer than 2 distinct x."""
+    points = list(points)
     n = len(points)
     if n < 2:
-        return 0.0
-    mean_t = sum(t for t, _ in points) / n
-    mean_m = sum(m for _, m in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
+        return None
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
     if var == 0:
-        return 0.0
-    cov = sum((t - mean_t) * (m - mean_m) for t, m in points)
-    return cov / var * 60.0
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+
+
+def trend_mb_per_min(samples: Iterable[MemorySample]) -> float:
+    """Least-squares slope of server RSS over time, in MB per minute (0 with under 2 samples)."""
+    slope = least_squares_slope((s.at, s.rss_mb) for s in samples)
+    return 0.0 if slope is None else slope * 60.0
 
 
 class MemorySampler:
