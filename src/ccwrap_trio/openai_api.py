@@ -29,6 +29,7 @@ from .errors import (
     SessionCrashed,
     SessionUnavailable,
 )
+from .expansions import neutralize
 from .protocol import Usage
 from .structured import StructuredOutput
 
@@ -316,10 +317,8 @@ def _blocks(parts: list[Part]) -> Content:
         elif part:
             blocks.append({"type": "text", "text": part})
     for block in blocks:
-        # The CLI runs a text block that starts with "/" as a slash command (the last one, seen
-        # on 2.1.332); a leading newline keeps it text.
-        if block["type"] == "text" and block["text"].startswith("/"):
-            block["text"] = "\n" + block["text"]
+        if block["type"] == "text":
+            block["text"] = neutralize(block["text"])
     return blocks
 
 
