@@ -98,9 +98,12 @@ async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def real_stack(
-    tmp_path: Path, **overrides: Any
+    tmp_path: Path, *, environ: dict[str, str] | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[str, Standin, Config]]:
-    """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config)."""
+    """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config).
+
+    ``environ`` adds to (or replaces in) the server's environment the CLI's is derived from.
+    """
     async with trio.open_nursery() as nursery:
         standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
         home = tmp_path / "home"
@@ -112,6 +115,7 @@ async def real_stack(
             "ANTHROPIC_API_KEY": "sk-standin-e2e",
             "CLAUDE_CODE_MAX_RETRIES": "1",
             "API_TIMEOUT_MS": "30000",
+            **(environ or {}),
         }
         config = Config(
             port=0,

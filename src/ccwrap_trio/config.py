@@ -25,16 +25,15 @@ DEFAULT_SYSTEM_PROMPT = (
 
 # Variables the CLI child may see, beside the ones ccwrap-trio sets itself. Anything not listed
 # here (cloud credentials, the operator's shell secrets...) stays out of the child.
+# HOME and TMPDIR are not among them: the CLI gets private, empty ones (sandbox.py).
 CHILD_ENV_PASSTHROUGH = (
     "PATH",
-    "HOME",
     "USER",
     "LOGNAME",
     "LANG",
     "LC_ALL",
     "LC_CTYPE",
     "TZ",
-    "TMPDIR",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
     "NODE_EXTRA_CA_CERTS",
@@ -55,6 +54,23 @@ CHILD_ENV_PASSTHROUGH = (
 # Credentials that make the CLI use an API account or a token instead of the subscription login
 # under $HOME/.claude: forwarded only when the operator says so (CCWRAP_FORWARD_API_KEY=1).
 CHILD_ENV_API_KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
+# Set on every CLI child, over anything the environment says. Each closes a way for the text of a
+# turn to reach the host or to change the session (observed on 2.1.332; docs/reliability.md,
+# "Threat model").
+CHILD_ENV_LOCKDOWN = {
+    # No telemetry, auto-update or error reporting from a server's child (PROTOCOL.md).
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    # "@path" in a turn would read the file (or list the directory) into the model's context.
+    "CLAUDE_CODE_DISABLE_FILE_MENTIONS": "1",
+    "CLAUDE_CODE_DISABLE_ATTACHMENTS": "1",
+    # Bundled skills and workflows turn "/name" into long prompts of their own.
+    "CLAUDE_CODE_DISABLE_BUNDLED_SKILLS": "1",
+    "CLAUDE_CODE_DISABLE_CLAUDE_API_SKILL": "1",
+    "CLAUDE_CODE_DISABLE_WORKFLOWS": "1",
+    # No memory files or CLAUDE.md read into, or written from, a session.
+    "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
+    "CLAUDE_CODE_DISABLE_CLAUDE_MDS": "1",
+}
 
 
 def _integer(low: int, high: int | None = None) -> tuple[Callable[[str], int], str]:
@@ -344,6 +360,9 @@ def child_environment(environ: Mapping[str, str], *, forward_api_key: bool) -> d
     if forward_api_key:
         env.update({name: environ[name] for name in CHILD_ENV_API_KEYS if name in environ})
     env.setdefault("PATH", os.defpath)
-    # No telemetry, auto-update or error reporting from a server's child (PROTOCOL.md).
-    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    # The login stays where `claude /login` put it, while HOME becomes a private empty directory
+    # (sandbox.py): "~" in a turn names nothing of the operator's.
+    if "CLAUDE_CONFIG_DIR" not in env and environ.get("HOME"):
+        env["CLAUDE_CONFIG_DIR"] = os.path.join(environ["HOME"], ".claude")
+    env.update(CHILD_ENV_LOCKDOWN)
     return env

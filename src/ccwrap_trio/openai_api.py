@@ -29,7 +29,6 @@ from .errors import (
     SessionCrashed,
     SessionUnavailable,
 )
-from .expansions import neutralize
 from .protocol import Usage
 from .structured import StructuredOutput
 
@@ -316,10 +315,7 @@ def _blocks(parts: list[Part]) -> Content:
             blocks[-1]["text"] += part
         elif part:
             blocks.append({"type": "text", "text": part})
-    for block in blocks:
-        if block["type"] == "text":
-            block["text"] = neutralize(block["text"])
-    return blocks
+    return blocks  # every text is neutralized on its way into the turn (protocol.user_line)
 
 
 def _append_text(content: Content, text: str) -> Content:

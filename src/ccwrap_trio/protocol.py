@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .expansions import neutralize
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -137,7 +139,29 @@ def parse_line(raw: bytes | str) -> Event:
 
 
 def user_line(content: str | list[dict[str, Any]]) -> bytes:
-    """One user turn: ``content`` is a string or Messages API content blocks."""
+    """One user turn: ``content`` is a string or Messages API content blocks.
+
+    Every text is neutralized here, the one door all turns pass, so that nothing a client (or
+    a model's answer quoted in a repair turn) writes can run a command or read a file.
+    """
+    return _user_message(_neutral(content))
+
+
+def _neutral(content: Any) -> Any:
+    """Every text in ``content`` neutralized: a string, text blocks, and blocks nested in them."""
+    if isinstance(content, str):
+        return neutralize(content)
+    if isinstance(content, list):
+        return [_neutral(block) for block in content]
+    if isinstance(content, dict):
+        if content.get("type") == "text" and isinstance(content.get("text"), str):
+            return content | {"text": neutralize(content["text"])}
+        if "content" in content:  # tool_result blocks carry text of their own
+            return content | {"content": _neutral(content["content"])}
+    return content
+
+
+def _user_message(content: str | list[dict[str, Any]]) -> bytes:
     return _line({"type": "user", "message": {"role": "user", "content": content}})
 
 
@@ -189,4 +213,4 @@ def _line(message: dict[str, Any]) -> bytes:
 
 
 # Resets the conversation in-process with no API call; answered by a result with num_turns 0.
-CLEAR_LINE = user_line("/clear")
+CLEAR_LINE = _user_message("/clear")  # the one slash command ccwrap-trio sends itself

@@ -8,11 +8,8 @@ app's lifespan nursery. Either way tasks are started here and only here.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -23,32 +20,19 @@ from quart_trio import QuartTrio
 from .app import create_app
 from .config import Config
 from .memory import MemorySampler
+from .sandbox import Sandbox, cli_sandbox, forget_cli_session
 from .session import open_session
 from .supervisor import SessionFactory, SessionLike, Supervisor
 
 log = logging.getLogger(__name__)
 
 
-@asynccontextmanager
-async def cli_workdir(config: Config) -> AsyncIterator[Path]:
-    """The CLI's working directory: the configured one, or a fresh empty private one."""
-    if config.workdir is not None:
-        config.workdir.mkdir(parents=True, exist_ok=True)
-        yield config.workdir
-        return
-    path = Path(tempfile.mkdtemp(prefix="ccwrap-trio-"))  # mode 0700
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class Services:
-    """The supervisor and the memory sampler, and the CLI working directory they need."""
+    """The supervisor and the memory sampler, and the CLI sandbox they need."""
 
     def __init__(self, config: Config, session_factory: SessionFactory | None = None) -> None:
         self.config = config
-        self._workdir: Path | None = None
+        self.sandbox: Sandbox | None = None
         self.supervisor = Supervisor(
             config, session_factory or self._open_session, sessions=config.sessions
         )
@@ -62,21 +46,30 @@ class Services:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ready once queries are accepted and memory is sampled."""
-        async with cli_workdir(self.config) as workdir, trio.open_nursery() as nursery:
-            self._workdir = workdir
+        async with cli_sandbox(self.config) as sandbox, trio.open_nursery() as nursery:
+            self.sandbox = sandbox
             await nursery.start(self.supervisor.run)
             await nursery.start(self.sampler.run)
             task_status.started()
 
-    def _open_session(self) -> AbstractAsyncContextManager[SessionLike, bool | None]:
-        assert self._workdir is not None, "sessions open only while Services.run runs"
+    @asynccontextmanager
+    async def _open_session(self) -> AsyncIterator[SessionLike]:
+        sandbox = self.sandbox
+        assert sandbox is not None, "sessions open only while Services.run runs"
         config = self.config
-        return open_session(
-            config.cli_command(),
-            env=dict(config.child_env),
-            cwd=self._workdir,
-            startup_timeout_s=config.startup_timeout_s,
-        )
+        pid: int | None = None
+        try:
+            async with open_session(
+                config.cli_command(),
+                env=sandbox.child_env(config.child_env),
+                cwd=sandbox.workdir,
+                startup_timeout_s=config.startup_timeout_s,
+            ) as session:
+                pid = session.pid
+                yield session
+        finally:
+            if pid is not None:
+                forget_cli_session(config.child_env.get("CLAUDE_CONFIG_DIR"), pid, sandbox.workdir)
 
 
 class InFlight:
