@@ -163,6 +163,22 @@ async def wait_for(predicate: Any, *, timeout: float = 10.0, interval: float = 0
             await trio.sleep(interval)
 
 
+async def wait_for_health(
+    http: Any, predicate: Any, *, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Poll ``/health`` (through the httpx client ``http``) until ``predicate(body)``; the body.
+
+    Tests order concurrent requests by what the server says, never by sleeping: a sleep that is
+    long enough on a quiet machine is too short on a loaded one.
+    """
+    with trio.fail_after(timeout):
+        while True:
+            body: dict[str, Any] = (await http.get("/health")).json()
+            if predicate(body):
+                return body
+            await trio.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def _log_level(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ccwrap_trio")

@@ -23,6 +23,8 @@ from ccwrap_trio.cli import build_parser
 from ccwrap_trio.config import SETTINGS, Config
 from ccwrap_trio.errors import ConfigError
 
+from .conftest import wait_for_health
+
 ENTRY = [sys.executable, "-m", "ccwrap_trio"]
 
 
@@ -203,16 +205,17 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
 
             async def in_flight() -> None:
                 result["slow"] = await http.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "FAKE:sleep=1.5 still answered"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=3 still answered"}]})
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
-                await trio.sleep(0.5)
+                await wait_for_health(http, lambda h: h["active_queries"] == 1)
                 process.send_signal(signal.SIGTERM)
-                await trio.sleep(0.3)
-                with pytest.raises(httpx.HTTPError):  # no longer accepting
-                    async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
-                        await fresh.get("/health")
+                with pytest.raises(httpx.HTTPError), trio.fail_after(10):  # no longer accepting
+                    while True:
+                        async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
+                            await fresh.get("/health")
+                        await trio.sleep(0.02)
         with trio.fail_after(30):
             code = await process.wait()
     assert result["slow"].status_code == 200

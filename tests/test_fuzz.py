@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from ccwrap_trio import openai_api
+from ccwrap_trio import openai_api, protocol
 from ccwrap_trio.config import Config
 from ccwrap_trio.errors import InvalidRequest
 
@@ -359,7 +359,8 @@ def check_chat_request(chat: openai_api.ChatRequest) -> None:
     assert isinstance(chat.model, str) and chat.model
     assert len(chat.stop) <= 4 and all(isinstance(s, str) and s for s in chat.stop)
     assert chat.max_tokens is None or chat.max_tokens >= 1
-    content = chat.content
+    # What the CLI receives: the rendered content as the turn encoder writes it.
+    content = json.loads(protocol.user_line(chat.content))["message"]["content"]
     if isinstance(content, str):
         assert content.strip()
         # Never sent bare: the CLI would run it as a slash command.
@@ -947,8 +948,9 @@ COMMAND_BODIES = [
 def test_text_after_an_image_is_never_a_command(body: dict[str, Any]) -> None:
     chat = openai_api.parse_chat_request(json.dumps(body), default_model=MODEL)
     assert isinstance(chat.content, list)
-    texts = [block["text"] for block in chat.content if block["type"] == "text"]
-    assert not texts[-1].startswith("/")  # what the real CLI runs as a command
+    sent = json.loads(protocol.user_line(chat.content))["message"]["content"]
+    texts = [block["text"] for block in sent if block["type"] == "text"]
+    assert not any(text.startswith("/") for text in texts)  # the CLI would run it
 
 
 @pytest.mark.real_cli

@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from .conftest import running_server, wait_for, write_executable
+from .conftest import running_server, wait_for, wait_for_health, write_executable
 
 
 def sdk(base_url: str, **kwargs: Any) -> openai.OpenAI:
@@ -252,7 +252,7 @@ async def test_hung_turn_gets_504_while_health_stays_fast(make_config: Any) -> N
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hung)
-            await trio.sleep(0.5)
+            await wait_for_health(http, lambda h: h["active_queries"] == 1)
             start = time.monotonic()
             health = await http.get("/health")
             health_latency = time.monotonic() - start
@@ -341,10 +341,10 @@ async def test_queue_full_gets_429_with_retry_after(make_config: Any) -> None:
                 assert response.json()["error"]["type"] == "rate_limit_error"
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, "FAKE:sleep=1 first")
-            await trio.sleep(0.3)
+            nursery.start_soon(ask, "FAKE:sleep=3 first")
+            await wait_for_health(http, lambda h: h["active_queries"] == 1)
             nursery.start_soon(ask, "second waits")
-            await trio.sleep(0.3)
+            await wait_for_health(http, lambda h: h["queued"] == 1)
             nursery.start_soon(ask, "third is refused")
     assert sorted(statuses) == [200, 200, 429]
 
@@ -361,11 +361,11 @@ async def test_sdk_sees_429_as_rate_limit_error(make_config: Any) -> None:
             except openai.RateLimitError as exc:
                 errors.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, "FAKE:sleep=1 first")
-            await trio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "FAKE:sleep=3 first")
+            await wait_for_health(http, lambda h: h["active_queries"] == 1)
             nursery.start_soon(ask, "second waits")
-            await trio.sleep(0.3)
+            await wait_for_health(http, lambda h: h["queued"] == 1)
             nursery.start_soon(ask, "third is refused")
         client.close()
     assert len(errors) == 1

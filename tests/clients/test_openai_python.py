@@ -13,7 +13,7 @@ import pydantic
 import pytest
 import trio
 
-from ..conftest import real_stack
+from ..conftest import real_stack, wait_for_health
 
 pytestmark = pytest.mark.real_cli
 
@@ -139,10 +139,10 @@ async def test_error_types(tmp_path: Path) -> None:
                 except openai.RateLimitError as exc:
                     rate_limited.append(exc)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ask, "slow one [standin:latency=1.5]")
-                await trio.sleep(0.5)
+            async with httpx.AsyncClient(base_url=url) as http, trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "slow one [standin:latency=5]")
+                await wait_for_health(http, lambda h: h["active_queries"] == 1)
                 nursery.start_soon(ask, "waits in the queue")
-                await trio.sleep(0.3)
+                await wait_for_health(http, lambda h: h["queued"] == 1)
                 nursery.start_soon(ask, "turned away")
     assert len(rate_limited) == 1
