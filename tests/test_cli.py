@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -63,6 +64,47 @@ def test_bad_values_exit_2_with_one_line(
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1
     assert message in out.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.1"])  # taken; not this machine's
+def test_a_port_that_cannot_be_bound_exits_2_with_one_line(fake_cli: Path, host: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [*ENTRY, "serve", "--host", host, "--port", str(port)], capture_output=True, text=True,
+            env={**os.environ, "CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_LOG_LEVEL": "error"},
+            timeout=60,
+        )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"ccwrap-trio: cannot listen on {host}:{port}: "
+        + ("Address already in use" if host == "127.0.0.1" else "Cannot assign requested address")
+    ]
+
+
+def test_a_missing_cli_is_said_at_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the bind then fails, so the process ends by itself
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = subprocess.run(
+            [*ENTRY, "serve", "--port", str(taken.getsockname()[1])], capture_output=True,
+            text=True, timeout=60,
+            env={**os.environ, "CCWRAP_CLAUDE_BIN": str(tmp_path / "no-such-claude")},
+        )
+    assert out.stderr.splitlines()[0].endswith(
+        f"[ERROR] the Claude Code CLI '{tmp_path / 'no-such-claude'}' is not an executable on "
+        "PATH (CCWRAP_CLAUDE_BIN): /health says offline until it is")
+
+
+def test_help_says_each_default_once() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    options = help_text[help_text.index("options:"):]
+    workdir = options[options.index("--workdir"):options.index("--startup-timeout")]
+    assert workdir.count("default") == 1
+    assert "CLAUDE_CODE_OAUTH_TOKEN" in help_text
 
 
 def test_flags_win_over_environment() -> None:

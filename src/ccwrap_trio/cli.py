@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -35,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
             setting.flag,
             dest=setting.env,
             metavar=setting.env,
-            help=f"{setting.help} (default: {setting.default or 'unset'!s:.40})",
+            # A help text that explains its own default says it once.
+            help=setting.help if "default" in setting.help
+            else f"{setting.help} (default: {setting.default or 'unset'!s:.40})",
         )
     return parser
 
@@ -48,8 +53,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ccwrap-trio: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    trio.run(_serve_until_signalled, config)
+    if shutil.which(config.claude_bin) is None:
+        # Said at once, in one line; the server still starts and recovers when the CLI appears.
+        log.error(
+            "[ERROR] the Claude Code CLI %r is not an executable on PATH (CCWRAP_CLAUDE_BIN): "
+            "/health says offline until it is", config.claude_bin,
+        )
+    try:
+        trio.run(_serve_until_signalled, config)
+    except (OSError, BaseExceptionGroup) as exc:
+        failure = _bind_failure(exc)
+        if failure is None:
+            raise
+        print(f"ccwrap-trio: cannot listen on {config.host}:{config.port}: "
+              f"{failure.strerror or failure}", file=sys.stderr)
+        return 2
     return 0
+
+
+# What binding the address can fail with: the port is taken, the address is not ours, no right.
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM})
+
+
+def _bind_failure(exc: BaseException) -> OSError | None:
+    """The bind error in ``exc`` (bare or alone in nested exception groups), else None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.errno in BIND_ERRNOS:
+        return exc
+    if isinstance(exc, socket.gaierror):
+        return exc
+    return None
 
 
 async def _serve_until_signalled(config: Config) -> None:

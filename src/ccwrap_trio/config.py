@@ -216,7 +216,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CCWRAP_FORWARD_API_KEY", "forward_api_key", _boolean(), "0",
-        "pass ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN to the CLI",
+        "pass ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN / CLAUDE_CODE_OAUTH_TOKEN to the CLI",
     ),
     Setting(
         "CCWRAP_API_KEYS", "api_keys", _key_list(), "",
