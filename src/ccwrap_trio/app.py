@@ -99,8 +99,8 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     async def models() -> Any:
         return openai_api.models_response(config.model, config.models)
 
-    @app.get("/v1/models/<path:model>")
-    @app.get("/models/<path:model>")
+    @app.get("/v1/models/<model>")
+    @app.get("/models/<model>")
     async def model(model: str) -> Any:
         if not config.model_allowed(model):
             raise openai_api.model_not_found(model)
