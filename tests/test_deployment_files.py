@@ -819,7 +819,7 @@ def test_hypercorn_serves_the_app_and_shuts_down_gracefully(
             # SIGTERM while a request runs: it is answered, then everything exits.
             with ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(client.post, "/v1/chat/completions", json={
-                    "model": "haiku", "messages": [{"role": "user", "content": "FAKE:sleep=2 slow"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=2 slow"}]})
 
                 def running() -> bool:
                     response = _get(client, "/health")
