@@ -87,6 +87,22 @@ def test_the_captured_tool_turn_becomes_calls_and_events() -> None:
     assert len(deltas) == 2 and "".join(deltas) == call.arguments
 
 
+def test_calls_survive_a_denial_the_cli_read_as_a_streaming_abort() -> None:
+    """Seen on 2.1.332 (denied between message_delta and message_stop): aborted_streaming."""
+    state = _TurnState()
+    for event in (protocol.ToolUseStart(1, "toolu_1", "mcp__oa__get_weather"),
+                  protocol.ToolInputDelta(1, '{"city": "Paris"}'),
+                  protocol.MessageDelta("tool_use")):
+        state.progress(event)
+        if isinstance(event, protocol.MessageDelta):
+            state.stop_reason = event.stop_reason
+    aborted = protocol.TurnResult("[ede_diagnostic]", True, "error_during_execution",
+                                  protocol.Usage(), terminal_reason="aborted_streaming")
+    assert state.finish(aborted).tool_calls == (GOOD_1,)
+    state.stop_reason = None  # an abort before the API call was complete stays an error
+    assert state.finish(aborted).is_error
+
+
 def test_a_tools_call_turn_asks_permission_and_is_classified() -> None:
     lines = [entry["msg"] for entry in capture("tool-calls-2.1.332.jsonl")]
     events = [protocol.parse_line(json.dumps(message)) for message in lines]
@@ -108,6 +124,7 @@ def answer(*calls: ToolCall, text: str = "") -> protocol.TurnResult:
 
 
 GOOD = ToolCall("t1", "get_weather", '{"city": "Paris"}')
+GOOD_1 = ToolCall("toolu_1", "get_weather", '{"city": "Paris"}')
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,11 @@ class MessageDelta:
 
 
 @dataclass(frozen=True)
+class MessageStop:
+    """The API's ``message_stop`` event: the API call's stream is complete."""
+
+
+@dataclass(frozen=True)
 class ControlRequest:
     """A ``control_request`` from the CLI (``mcp_message``, ``can_use_tool``...)."""
 
@@ -149,7 +154,7 @@ class NotJson:
 
 Event = (
     TurnResult | Init | TextDelta | MessageStart | ToolUseStart | ToolInputDelta | MessageDelta
-    | ControlRequest | ControlResponse | Other | NotJson
+    | MessageStop | ControlRequest | ControlResponse | Other | NotJson
 )
 # What a turn reports while it runs, for streaming (tool calls in the client's names).
 Progress = TextDelta | MessageStart | ToolCallStart | ToolCallDelta
@@ -185,6 +190,8 @@ def parse_line(raw: bytes | str) -> Event:
             delta = event.get("delta")
             reason = delta.get("stop_reason") if isinstance(delta, dict) else None
             return MessageDelta(reason if isinstance(reason, str) else None)
+        if isinstance(event, dict) and event.get("type") == "message_stop":
+            return MessageStop()
         if isinstance(event, dict) and event.get("type") == "message_start":
             started = event.get("message")
             started = started if isinstance(started, dict) else {}

@@ -268,7 +268,10 @@ class Session:
         elif isinstance(event, protocol.ControlRequest):
             await self._answer_control(event)
         elif isinstance(event, protocol.MessageDelta):
-            # The API call has ended: every tool_use block is complete, so denying is safe now.
+            self._turn_state.stop_reason = event.stop_reason
+        elif isinstance(event, protocol.MessageStop):
+            # The API call's stream is over: every tool_use block is complete. Denied earlier
+            # (even right after message_delta, seen on 2.1.332) the CLI may abort the stream.
             state = self._turn_state
             state.stopped = True
             held, state.held = state.held, []
@@ -286,7 +289,7 @@ class Session:
             await self._send_answer(event.request_id, {"mcp_response": reply})
         elif event.subtype == "can_use_tool":
             # Denied at once, the stream is aborted and a parallel call is lost (PROTOCOL.md):
-            # held until message_delta says the API call is complete.
+            # held until message_stop says the API call is complete.
             if self._turn_state.stopped:
                 await self._send_answer(event.request_id, toolbridge.DENY)
             else:
@@ -328,7 +331,8 @@ class _TurnState:
     calls: dict[int, list[str]] = field(default_factory=dict)  # block index -> [id, name, json]
     ordinals: dict[int, int] = field(default_factory=dict)  # block index -> call number
     model: str = ""
-    stopped: bool = False
+    stop_reason: str | None = None  # from message_delta
+    stopped: bool = False  # message_stop seen
     held: list[str] = field(default_factory=list)
 
     def progress(self, event: protocol.Event) -> protocol.Progress | None:
@@ -352,8 +356,12 @@ class _TurnState:
     def finish(self, result: protocol.TurnResult) -> protocol.TurnResult:
         calls = tuple(ToolCall(id_, name, arguments or "{}")
                       for id_, name, arguments in self.calls.values())
-        if calls and result.terminal_reason == "aborted_tools":
-            # Stopped by our denial, as intended: the answer is the text before the calls.
+        # Stopped by our denial: aborted_tools; aborted_streaming if the CLI still read the
+        # stream. Either way message_delta said tool_use, so every block arrived whole.
+        if calls and (result.terminal_reason == "aborted_tools" or (
+            self.stop_reason == "tool_use" and result.terminal_reason == "aborted_streaming"
+        )):
+            # The answer is the text before the calls.
             return dataclasses.replace(result, text="".join(self.text), is_error=False,
                                        tool_calls=calls, model=self.model)
         return dataclasses.replace(result, model=self.model)
