@@ -113,9 +113,15 @@ async def test_parallel_calls_stream_and_tool_choice(tmp_path: Path) -> None:
             }) as streamed:
                 chunks = [json.loads(line[6:]) async for line in streamed.aiter_lines()
                           if line.startswith("data: {")]
+            # Streamed text where a call is demanded cannot be repaired: one error chunk.
+            async with http.stream("POST", "/v1/chat/completions", json={
+                "stream": True, "tools": [WEATHER], "tool_choice": "required",
+                "messages": user("no call here either"),
+            }) as refused:
+                ends = [line async for line in refused.aiter_lines() if line.startswith("data: ")]
     assert "Answer by calling the tool `lookup-stock`." in json.dumps(standin.calls[6].body)
     assert tool_names(standin.calls[2]) == []  # tool_choice none: the tools are not offered
-    assert len(standin.calls) == 6 + 2  # required: the answer and two repairs
+    assert len(standin.calls) == 6 + 2 + 1  # required: the answer and two repairs
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     pieces = [call for d in deltas for call in d.get("tool_calls", [])]
     starts = [p for p in pieces if "id" in p]
@@ -125,6 +131,9 @@ async def test_parallel_calls_stream_and_tool_choice(tmp_path: Path) -> None:
         assert fragments[0] == "" and len(fragments) >= 3  # name first, then the pieces
         json.loads("".join(fragments))
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert {c["model"] for c in chunks} == {"claude-haiku-5-5"}  # the model that answered
+    assert json.loads(ends[-2][6:])["error"]["code"] == "invalid_tool_call"
+    assert ends[-1] == "data: [DONE]"
 
 
 async def test_invalid_arguments_are_repaired(tmp_path: Path) -> None:

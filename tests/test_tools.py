@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from ccwrap_trio import protocol, tool_policy, toolbridge
+from ccwrap_trio import openai_api, protocol, tool_policy, toolbridge
 from ccwrap_trio.config import Config
 from ccwrap_trio.core import CoreRequest, Tool, ToolCall, ToolCallDelta, ToolCallStart, ToolChoice
 from ccwrap_trio.session import _TurnState
@@ -248,3 +248,34 @@ async def test_tools_and_model_are_pushed_only_when_they_change(
     assert len(pushes) == 2  # the tool, then no tool for the plain request; not the repeat
     assert models == ["opus", "haiku"]
     assert health["sessions"][0]["model"] == "claude-haiku-5-5"  # what the fake reports
+
+
+def test_history_with_calls_and_results_is_rendered_into_one_turn() -> None:
+    body = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "/clear 18 C"},
+    ]}
+    chat = openai_api.parse_chat_request(json.dumps(body), default_model="haiku")
+    assert isinstance(chat.content, str)
+    assert ('<assistant>\nLet me check.\n<tool_call id="call_1" name="get_weather">\n'
+            '{"city": "Paris"}\n</tool_call>\n</assistant>') in chat.content
+    # A result is client text: neutralized like any other (no bare leading "/").
+    assert '<tool_result id="call_1">\n\n/clear 18 C\n</tool_result>' in chat.content
+    assert chat.core.tools[0].name == "get_weather" and chat.core.tool_choice.mode == "auto"
+
+
+def test_legacy_functions_are_answered_with_function_call() -> None:
+    body = {"functions": [{"name": "f"}], "function_call": {"name": "f"},
+            "messages": [{"role": "user", "content": "x"}]}
+    chat = openai_api.parse_chat_request(json.dumps(body), default_model="haiku")
+    assert chat.tools.legacy and chat.core.tool_choice == ToolChoice("function", "f")
+    assert not chat.core.parallel_tool_calls
+    response = openai_api.completion_response(
+        model="m", text="", usage=protocol.Usage(), tool_calls=(ToolCall("t", "f", "{}"),),
+        legacy_functions=True)
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "function_call" and choice["message"]["content"] is None
+    assert choice["message"]["function_call"] == {"name": "f", "arguments": "{}"}

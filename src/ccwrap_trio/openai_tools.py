@@ -159,8 +159,10 @@ def assistant_calls(param: str, message: dict[str, Any]) -> tuple[list[str], lis
 
 
 def _call_text(call_id: str | None, name: str, arguments: str) -> str:
-    label = f' id="{call_id}"' if call_id is not None else ""
-    return f'\n<tool_call{label} name="{name}">\n{neutralize(arguments)}\n</tool_call>'
+    # Ids, names and arguments are client text like any other: through neutralize, each.
+    label = f' id="{neutralize(call_id)}"' if call_id is not None else ""
+    return (f'\n<tool_call{label} name="{neutralize(name)}">\n{neutralize(arguments)}\n'
+            "</tool_call>")
 
 
 def result_tag(param: str, message: dict[str, Any], role: str, known_ids: set[str]) -> str:
@@ -173,12 +175,12 @@ def result_tag(param: str, message: dict[str, Any], role: str, known_ids: set[st
                 "assistant message.",
                 param=f"{param}.tool_call_id",
             )
-        return f'tool_result id="{call_id}"'
+        return f'tool_result id="{neutralize(call_id)}"'
     name = message.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidRequest(f"'{param}.name' must name the function this result is for.",
                              param=f"{param}.name")
-    return f'tool_result name="{name}"'
+    return f'tool_result name="{neutralize(name)}"'
 
 
 def tool_calls_object(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:

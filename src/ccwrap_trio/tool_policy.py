@@ -11,6 +11,7 @@ import dataclasses
 
 from . import protocol
 from .core import CoreRequest
+from .expansions import neutralize
 from .structured import MAX_ERRORS_QUOTED, StructuredOutput
 
 
@@ -63,7 +64,8 @@ def repair_prompt(request: CoreRequest, errors: list[str]) -> str:
     """The follow-up turn when the calls do not fit (same conversation, tools still offered)."""
     quoted = "\n".join(f"- {error}" for error in errors[:MAX_ERRORS_QUOTED])
     wanted = instruction(request) or "Call the tools again, or answer in text."
-    return (
+    # The quoted errors carry the model's own text: a turn's text, so through neutralize.
+    return neutralize(
         "Your previous answer does not fit the tools:\n"
         f"{quoted}\n"
         f"{wanted} Every call's arguments must validate against that tool's JSON Schema."
