@@ -184,6 +184,20 @@ def answer(stdin: Stdin, text: str) -> bool:
     return "exit-after" not in directives
 
 
+def control(message: dict) -> None:
+    """Answer a control request as 2.1.332 does: set_model names the model; a tools/
+    list_changed notification is followed by the CLI's own tools/list request."""
+    request = message.get("request") or {}
+    response: dict = {"subtype": "success", "request_id": message.get("request_id")}
+    if request.get("subtype") == "set_model":
+        response["response"] = {"model": request.get("model")}
+    emit({"type": "control_response", "response": response})
+    if (request.get("message") or {}).get("method") == "notifications/tools/list_changed":
+        emit({"type": "control_request", "request_id": str(uuid.uuid4()), "request": {
+            "subtype": "mcp_message", "server_name": "oa",
+            "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}})
+
+
 def main() -> int:
     start = os.environ.get("FAKE_CLAUDE_START", "ok")
     if start == "crash":
@@ -203,8 +217,7 @@ def main() -> int:
             continue
         message = json.loads(line)
         if message.get("type") == "control_request":
-            emit({"type": "control_response", "response": {
-                "subtype": "success", "request_id": message.get("request_id")}})
+            control(message)
             continue
         if message.get("type") != "user":
             continue

@@ -11,6 +11,7 @@ import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
@@ -87,6 +88,12 @@ class FakeSession:
         assert self.alive
         self.clears += 1
         self.tokens = 0
+
+    async def use_tools(self, tools: tuple[Any, ...]) -> None:
+        self.tools_set = tools
+
+    async def use_model(self, model: str) -> None:
+        self.model = model
 
     async def interrupt(self) -> bool:
         self.interrupts += 1

@@ -144,9 +144,13 @@ def test_cli_command_is_locked_down() -> None:
     command = config.cli_command()
     joined = " ".join(command)
     for flag in ("--input-format stream-json", "--output-format stream-json", "--verbose",
-                 "--permission-mode dontAsk", "--no-session-persistence", "--strict-mcp-config",
-                 "--model haiku"):
+                 "--permission-mode default", "--permission-prompt-tool stdio",
+                 "--no-session-persistence", "--strict-mcp-config", "--model haiku"):
         assert flag in joined
+    # Client tools only through our own SDK MCP server, never allowed to run.
+    assert json.loads(command[command.index("--mcp-config") + 1]) == {
+        "mcpServers": {"oa": {"type": "sdk", "name": "oa"}}}
+    assert "--allowedTools" not in command and "--dangerously-skip-permissions" not in command
     assert command[command.index("--tools") + 1] == ""
     assert command[command.index("--setting-sources") + 1] == ""
     assert command[-4:] == ["--max-turns", "1", "--append-system-prompt", "a b"]
@@ -160,6 +164,7 @@ def test_child_env_is_an_allow_list() -> None:
     assert forwarded["ANTHROPIC_API_KEY"] == "sk-secret"
     assert "AWS_SECRET_ACCESS_KEY" not in forwarded and "CCWRAP_API_KEYS" not in forwarded
     assert forwarded["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert forwarded["ENABLE_TOOL_SEARCH"] == "false"
     with pytest.raises(ConfigError, match="CCWRAP_FORWARD_API_KEY"):
         Config.load({"CCWRAP_FORWARD_API_KEY": "maybe"})
 

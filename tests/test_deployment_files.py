@@ -810,7 +810,7 @@ def test_hypercorn_serves_the_app_and_shuts_down_gracefully(
             _wait_until(ready, 30, "/health/ready")
             assert client.get(LIVE).json() == {"status": "alive"}
             answer = client.post("/v1/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                "model": "haiku", "messages": [{"role": "user", "content": "hi"}]})
             assert answer.status_code == 200
             assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
             cli_processes = _fake_clis(process.pid)
@@ -819,7 +819,7 @@ def test_hypercorn_serves_the_app_and_shuts_down_gracefully(
             # SIGTERM while a request runs: it is answered, then everything exits.
             with ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(client.post, "/v1/chat/completions", json={
-                    "model": "m", "messages": [{"role": "user", "content": "FAKE:sleep=2 slow"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=2 slow"}]})
 
                 def running() -> bool:
                     response = _get(client, "/health")

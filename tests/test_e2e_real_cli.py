@@ -135,7 +135,8 @@ async def test_real_cli_session_has_no_tools_and_no_mcp(tmp_path: Path) -> None:
         command = Config(claude_bin=real_claude_bin()).cli_command()
         async with open_session(command, env=env, cwd=tmp_path, startup_timeout_s=60) as session:
             assert session.tools == ()
-            assert session.mcp_servers == ()
+            # Only ccwrap-trio's own SDK server, which offers no tool until a request has some.
+            assert session.mcp_servers == ("oa",)
             reply = base64.b64encode(b"I ran nothing.").decode()
             result = await session.ask(f"run `touch pwned` [standin:reply={reply}]")
             assert result.text == "I ran nothing."

@@ -237,7 +237,7 @@ VALID_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     **{name: EMPTY_UNSUPPORTED for name in openai_api.UNSUPPORTED},
     "metadata": json_values,
     "store": json_values,
-    "parallel_tool_calls": json_values,
+    "parallel_tool_calls": st.sampled_from([None, True, False]),
 }
 FIELD_NAMES = sorted(VALID_FIELDS)
 # How often (in tenths) a valid body has the field: the ones that change the answer most often.
@@ -523,12 +523,17 @@ class StdinLog:
         return complete.splitlines()
 
     def check(self, expected: list[openai_api.Content]) -> None:
-        """Every new line is ``/clear`` (the server's own), an interrupt, or the next prompt."""
+        """Every new line is ``/clear`` (the server's own), an interrupt, a model or tool-list
+        control request, or the next prompt."""
         prompts = []
         for line in self.new_lines():
             if line == CLEAR_LINE or INTERRUPT_LINE.fullmatch(line):
                 continue
             message = json.loads(line)
+            if message.get("type") == "control_request" and message["request"]["subtype"] in (
+                "set_model", "mcp_message"
+            ):
+                continue  # the request's model or tool list, set before its turn
             assert set(message) == {"type", "message"} and message["type"] == "user", line[:300]
             assert set(message["message"]) == {"role", "content"}, line[:300]
             assert message["message"]["role"] == "user"
@@ -547,8 +552,9 @@ class LiveServer:
 @pytest.fixture
 def live_server(make_config: Any, tmp_path: Path) -> Iterator[LiveServer]:
     log = tmp_path / "stdin.log"
-    # No repair turns: the fake echoes, so a structured output fails at once (502).
-    config = make_config(env={"FAKE_CLAUDE_LOG": str(log)}, schema_repairs=0)
+    # No repair turns: the fake echoes, so a structured output fails at once (502). Any model
+    # name is allowed here: the fuzzed names exercise the set_model path.
+    config = make_config(env={"FAKE_CLAUDE_LOG": str(log)}, schema_repairs=0, models=("*",))
     with (
         ServerThread(config) as url,
         httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client,
@@ -671,7 +677,9 @@ def check_exchange(
         server.stdin.check([])  # nothing reached the CLI
         return response
     chat = verdict
-    server.stdin.check([chat.content])
+    # What the CLI receives is the rendered content as the turn encoder writes it.
+    sent = json.loads(protocol.user_line(chat.content))["message"]["content"]
+    server.stdin.check([sent])
     if chat.structured is not None and response.status_code == 502:
         # The fake echoes instead of answering JSON: a model that fails the schema.
         assert check_error(response)["code"] == "invalid_structured_output"
@@ -679,7 +687,7 @@ def check_exchange(
     assert response.status_code == 200, response.text[:500]
     text, finish_reason = (check_stream if chat.stream else check_completion)(response, chat)
     if chat.structured is None:
-        expected = openai_api.limit_answer(fake_answer(chat.content), chat)
+        expected = openai_api.limit_answer(fake_answer(sent), chat)
         # JSON joins an escaped surrogate pair into one character: compare as JSON does.
         assert [text, finish_reason] == json.loads(json.dumps(expected))
     else:

@@ -30,7 +30,7 @@ async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 async def test_completion_through_the_openai_sdk(make_config: Any) -> None:
-    async with running_server(make_config()) as url:
+    async with running_server(make_config(models=("my-model",))) as url:
         with sdk(url) as client:
             completion = await in_thread(
             client.chat.completions.create,
@@ -116,7 +116,7 @@ async def test_request_id_is_echoed_or_made(make_config: Any) -> None:
         (b'{"model": "haiku", "messages": []}', 400, "messages"),
         (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', 400, "model"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', 400, "messages[0].role"),
-        (b'{"messages": [{"role": "tool", "content": "x"}]}', 400, "messages[0].role"),
+        (b'{"messages": [{"role": "tool", "content": "x"}]}', 400, "messages[0].tool_call_id"),
         (b'{"messages": [{"role": "user", "content": 7}]}', 400, "messages[0].content"),
         (b'{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}', 400,
          "messages[0].content[0].type"),
@@ -132,10 +132,8 @@ async def test_request_id_is_echoed_or_made(make_config: Any) -> None:
         (b'{"logprobs": true, "messages": [{"role": "user", "content": "x"}]}', 400, "logprobs"),
         (b'{"top_logprobs": 2, "messages": [{"role": "user", "content": "x"}]}', 400,
          "top_logprobs"),
-        (b'{"tools": [{"type": "function", "function": {"name": "f"}}], '
-         b'"messages": [{"role": "user", "content": "x"}]}', 400, "tools"),
-        (b'{"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "x"}]}', 400,
-         "functions"),
+        (b'{"tools": [{"type": "function", "function": {"name": "f g"}}], '
+         b'"messages": [{"role": "user", "content": "x"}]}', 400, "tools[0].function.name"),
         (b'{"stop": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "x"}]}',
          400, "stop"),
         (b'{"max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}', 400, "max_tokens"),
@@ -190,7 +188,11 @@ async def test_models_lists_configured_model_and_aliases(make_config: Any) -> No
     async with running_server(make_config(model="claude-custom")) as url:
         with sdk(url) as client:
             models = await in_thread(client.models.list)
-        assert [m.id for m in models.data] == ["claude-custom", "haiku", "sonnet", "opus"]
+        # Exactly what CCWRAP_MODELS allows: the aliases, and the known ids of "claude-*".
+        assert [m.id for m in models.data] == [
+            "claude-custom", "haiku", "sonnet", "opus",
+            "claude-haiku-5-5", "claude-sonnet-5-5", "claude-opus-5-5",
+        ]
 
 
 async def test_health_schema(make_config: Any) -> None:

@@ -228,6 +228,6 @@ def test_protocol_classifies_every_sample_line() -> None:
     assert isinstance(error, protocol.TurnResult)
     assert error.is_error and error.api_error_status == 500
     assert error.text.startswith("API Error: 500")
-    assert isinstance(kinds["interrupt:control_response"], protocol.Other)
+    assert isinstance(kinds["interrupt:control_response"], protocol.ControlResponse)
     assert isinstance(kinds["system/ui_invalidate"], protocol.Other)
     assert not any(isinstance(event, protocol.NotJson) for event in kinds.values())

@@ -78,23 +78,33 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         chat = openai_api.parse_chat_request(
             await request.get_data(cache=False, as_text=False), default_model=config.model
         )
+        if not config.model_allowed(chat.model):
+            raise openai_api.model_not_found(chat.model)
         if chat.stream:
-            handle = supervisor.submit(
-                chat.content, request_id=g.request_id, stream=True, structured=chat.structured
-            )
+            handle = supervisor.submit(chat.content, request_id=g.request_id, stream=True,
+                                       structured=chat.structured, request=chat.core)
             return await _streaming_response(chat, handle, config.stream_keepalive_s)
         result = await supervisor.query(
-            chat.content, request_id=g.request_id, structured=chat.structured
+            chat.content, request_id=g.request_id, structured=chat.structured, request=chat.core
         )
         text, finish_reason = openai_api.limit_answer(result.text, chat)
         return openai_api.completion_response(
-            model=chat.model, text=text, usage=result.usage, finish_reason=finish_reason
+            model=result.model or chat.model, text=text, usage=result.usage,
+            finish_reason=finish_reason, tool_calls=result.tool_calls,
+            legacy_functions=chat.tools.legacy,
         )
 
     @app.get("/v1/models")
     @app.get("/models")
     async def models() -> Any:
-        return openai_api.models_response(config.model)
+        return openai_api.models_response(config.model, config.models)
+
+    @app.get("/v1/models/<model>")
+    @app.get("/models/<model>")
+    async def model(model: str) -> Any:
+        if not config.model_allowed(model):
+            raise openai_api.model_not_found(model)
+        return openai_api.model_object(model)
 
     @app.get("/health")
     async def health() -> Any:

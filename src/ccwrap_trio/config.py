@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import toolbridge
 from .errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -70,6 +71,8 @@ CHILD_ENV_LOCKDOWN = {
     # No memory files or CLAUDE.md read into, or written from, a session.
     "CLAUDE_CODE_DISABLE_AUTO_MEMORY": "1",
     "CLAUDE_CODE_DISABLE_CLAUDE_MDS": "1",
+    # Else the CLI adds a DeferredToolPlaceholder tool beside the client's (PROTOCOL.md).
+    "ENABLE_TOOL_SEARCH": "false",
 }
 
 
@@ -138,6 +141,16 @@ def _key_list() -> tuple[Callable[[str], tuple[str, ...]], str]:
         return keys
 
     return parse, "comma-separated API keys of at least 8 characters each"
+
+
+def _model_list() -> tuple[Callable[[str], tuple[str, ...]], str]:
+    def parse(text: str) -> tuple[str, ...]:
+        models = tuple(name.strip() for name in text.split(",") if name.strip())
+        if not models or any(name.count("*") > (name[-1] == "*") for name in models):
+            raise ValueError(text)
+        return models
+
+    return parse, "comma-separated model names, each optionally ending in *"
 
 
 def _optional_path() -> tuple[Callable[[str], Path | None], str]:
@@ -251,6 +264,14 @@ SETTINGS: tuple[Setting, ...] = (
         "keep a spare CLI warmed so a planned restart swaps sessions without a spawn",
     ),
     Setting(
+        "CCWRAP_CONTROL_TIMEOUT", "control_timeout_s", _seconds(), "10",
+        "seconds the CLI may take to answer a control request (tool list, model switch)",
+    ),
+    Setting(
+        "CCWRAP_MODELS", "models", _model_list(), "haiku,sonnet,opus,claude-*",
+        "models requests may name (comma-separated; a trailing * matches a prefix)",
+    ),
+    Setting(
         "CCWRAP_LOG_FORMAT", "log_format", _choice("text", "json"), "text",
         "text: human lines with the markers; json: one object per line",
     ),
@@ -293,6 +314,8 @@ class Config:
     log_prompts: bool = False
     sessions: int = 1
     standby: bool = True
+    control_timeout_s: float = 10.0
+    models: tuple[str, ...] = ("haiku", "sonnet", "opus", "claude-*")
     log_format: str = "text"
     log_level: str = "info"
     # The CLI child's environment, decided once from the server's own (see child_environment).
@@ -332,6 +355,13 @@ class Config:
         values["child_env"] = child_environment(environ, forward_api_key=values["forward_api_key"])
         return cls(**values)
 
+    def model_allowed(self, model: str) -> bool:
+        """Whether requests may name ``model`` (``CCWRAP_MODELS``; the default always may)."""
+        return model == self.model or any(
+            model.startswith(name[:-1]) if name.endswith("*") else model == name
+            for name in self.models
+        )
+
     def cli_command(self) -> list[str]:
         """The argv of a persistent, locked-down CLI session (see PROTOCOL.md)."""
         return [
@@ -346,7 +376,11 @@ class Config:
             # No tools and no user settings, hooks or MCP servers: the session forwards HTTP
             # text, so it must be unable to act on the host.
             "--tools", "",
-            "--permission-mode", "dontAsk",
+            # Client tools: our own SDK MCP server over the pipes; every use is asked of us and
+            # denied (toolbridge), so they never run. No --allowedTools: allowed tools get run.
+            "--mcp-config", toolbridge.MCP_CONFIG,
+            "--permission-mode", "default",
+            "--permission-prompt-tool", "stdio",
             "--no-session-persistence",
             "--setting-sources", "",
             "--strict-mcp-config",

@@ -66,3 +66,15 @@ class InvalidStructuredOutput(CcwrapError):
 
 class InternalError(CcwrapError):
     """A bug: something failed that should not have. Logged with its traceback."""
+
+
+class InvalidToolCall(CcwrapError):
+    """The model's tool calls did not fit the request's tools or tool_choice, even after repairs."""
+
+
+class ModelNotFound(CcwrapError):
+    """The request names a model outside the allow-list (``CCWRAP_MODELS``)."""
+
+    def __init__(self, message: str, *, param: str = "model") -> None:
+        super().__init__(message)
+        self.param = param

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import openai_tools, tool_policy
+from .core import CoreRequest, ToolCall
 from .errors import (
     CcwrapError,
     CliError,
@@ -24,6 +26,8 @@ from .errors import (
     InternalError,
     InvalidRequest,
     InvalidStructuredOutput,
+    InvalidToolCall,
+    ModelNotFound,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
@@ -32,9 +36,11 @@ from .errors import (
 from .protocol import Usage
 from .structured import StructuredOutput
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # The CLI's model aliases (PROTOCOL.md); listed by /v1/models beside the configured model.
 CLI_MODEL_ALIASES = ("haiku", "sonnet", "opus")
+# What the pinned CLI (2.1.332) sends for its aliases: listed when a CCWRAP_MODELS pattern allows.
+KNOWN_MODEL_IDS = ("claude-haiku-5-5", "claude-sonnet-5-5", "claude-opus-5-5")
 # The CLI has no per-turn output cap: max_tokens is enforced on the answer at this many characters
 # per token (the usual estimate for English text).
 CHARS_PER_TOKEN = 4
@@ -45,10 +51,6 @@ _DATA_URL = re.compile(
 
 # Fields that need a feature ccwrap-trio does not have: rejected, never silently ignored.
 UNSUPPORTED = {
-    "tools": "function calling (tools) is not supported",
-    "functions": "function calling (functions) is not supported",
-    "tool_choice": "function calling (tool_choice) is not supported",
-    "function_call": "function calling (function_call) is not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
@@ -69,6 +71,16 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     max_tokens: int | None = None
     structured: StructuredOutput | None = None
+    tools: openai_tools.ToolsSpec = field(default_factory=openai_tools.ToolsSpec)
+
+    @property
+    def core(self) -> CoreRequest:
+        """The request as the core sees it (no OpenAI field names)."""
+        return CoreRequest(
+            content=self.content, model=self.model, tools=self.tools.tools,
+            tool_choice=self.tools.choice, parallel_tool_calls=self.tools.parallel,
+            structured=self.structured, stream=self.stream,
+        )
 
     @property
     def max_chars(self) -> int | None:
@@ -90,12 +102,10 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
     for name, why in UNSUPPORTED.items():
-        # "none" (and "auto" with no tools) asks for no function calling: nothing to refuse.
-        if data.get(name) not in (None, [], {}, "none") and not (
-            name == "tool_choice" and data.get(name) == "auto" and not data.get("tools")
-        ):
+        if data.get(name) not in (None, [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
     _check_accepted_fields(data)
+    tools = openai_tools.parse_tools(data)
     stream = _boolean(data, "stream")
     stream_options = data.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
@@ -108,12 +118,16 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         raise InvalidRequest("'messages' must be an array of message objects.", param="messages")
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
-    turns = [_message(index, message) for index, message in enumerate(messages)]
+    call_ids: set[str] = set()
+    turns = [_message(index, message, call_ids) for index, message in enumerate(messages)]
     if not any(isinstance(part, dict) or part.strip() for _, parts in turns for part in parts):
         raise InvalidRequest("Every message in 'messages' is empty.", param="messages")
     content = render_prompt(turns)
     if structured is not None:
         content = _append_text(content, structured.instruction())
+    core = CoreRequest(content, model, tools.tools, tools.choice, tools.parallel)
+    if (wanted := tool_policy.instruction(core)) is not None:
+        content = _append_text(content, wanted)
     return ChatRequest(
         model=model,
         content=content,
@@ -122,6 +136,7 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         stop=_stop(data.get("stop")),
         max_tokens=_max_tokens(data),
         structured=structured,
+        tools=tools,
     )
 
 
@@ -193,29 +208,33 @@ def _max_tokens(data: dict[str, Any]) -> int | None:
 Part = str | dict[str, Any]  # text, or a Messages API image block
 
 
-def _message(index: int, message: Any) -> tuple[str, list[Part]]:
+def _message(index: int, message: Any, call_ids: set[str]) -> tuple[str, list[Part]]:
     param = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{param}' must be an object.", param=param)
     role = message.get("role")
-    if role in ("tool", "function"):
-        raise InvalidRequest(
-            f"'{param}.role' {role!r} needs function calling, which is not supported.",
-            param=f"{param}.role",
-            code="unsupported",
-        )
     if role not in ROLES:
         raise InvalidRequest(
             f"'{param}.role' must be one of {', '.join(ROLES)}; got {role!r}.",
             param=f"{param}.role",
         )
-    return role, _content(param, message.get("content"), role)
+    if role in ("tool", "function"):
+        # A result the client's own tool produced: rendered as text, tagged with its call.
+        tag = openai_tools.result_tag(param, message, role, call_ids)
+        parts = _content(param, message.get("content"), "tool")
+        return tag, parts
+    parts = _content(param, message.get("content"), role)
+    if role == "assistant":
+        calls, ids = openai_tools.assistant_calls(param, message)
+        call_ids.update(ids)
+        parts += calls
+    return role, parts
 
 
 def _content(param: str, content: Any, role: str) -> list[Part]:
     if isinstance(content, str):
         return [content]
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return []
     if not isinstance(content, list):
         raise InvalidRequest(
@@ -299,7 +318,8 @@ def render_prompt(turns: list[tuple[str, list[Part]]]) -> Content:
     ]
     for role, message_parts in turns:
         tag = "system" if role in ("system", "developer") else role
-        parts += [f"\n\n<{tag}>\n", *message_parts, f"\n</{tag}>"]
+        # A tool result's tag carries its call: <tool_result id="..."> ... </tool_result>.
+        parts += [f"\n\n<{tag}>\n", *message_parts, f"\n</{tag.split(' ', 1)[0]}>"]
     return _blocks(parts)
 
 
@@ -388,9 +408,23 @@ def estimate_tokens(text: str) -> int:
 
 
 def completion_response(
-    *, model: str, text: str, usage: Usage, finish_reason: str = "stop"
+    *, model: str, text: str, usage: Usage, finish_reason: str = "stop",
+    tool_calls: tuple[ToolCall, ...] = (), legacy_functions: bool = False,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object as OpenAI returns it, with the CLI's real token counts."""
+    """A ``chat.completion`` object as OpenAI returns it, with the CLI's real token counts.
+
+    With ``tool_calls``: ``content`` is the text before the calls (or null), and
+    ``finish_reason`` is ``tool_calls`` (``function_call`` for the legacy ``functions``).
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["content"] = text or None
+        if legacy_functions:
+            message["function_call"] = openai_tools.function_call_object(tool_calls[0])
+            finish_reason = "function_call"
+        else:
+            message["tool_calls"] = openai_tools.tool_calls_object(tool_calls)
+            finish_reason = "tool_calls"
     return {
         "id": new_completion_id(),
         "object": "chat.completion",
@@ -399,7 +433,7 @@ def completion_response(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
@@ -464,15 +498,33 @@ def usage_object(usage: Usage) -> dict[str, Any]:
     }
 
 
-def models_response(configured_model: str) -> dict[str, Any]:
-    names = dict.fromkeys((configured_model, *CLI_MODEL_ALIASES))
+def allowed_models(configured_model: str, allowed: tuple[str, ...]) -> list[str]:
+    """Every model name requests may use that can be listed: patterns list the known ids."""
+    names = [configured_model, *(name for name in allowed if not name.endswith("*"))]
+    names += [
+        known for known in KNOWN_MODEL_IDS
+        if any(name.endswith("*") and known.startswith(name[:-1]) for name in allowed)
+    ]
+    return list(dict.fromkeys(names))
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "anthropic"}
+
+
+def models_response(configured_model: str, allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``/v1/models``: exactly the models requests may name (``CCWRAP_MODELS``)."""
     return {
         "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "anthropic"}
-            for name in names
-        ],
+        "data": [model_object(name) for name in allowed_models(configured_model, allowed)],
     }
+
+
+def model_not_found(model: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"The model {model!r} does not exist or is not served here (CCWRAP_MODELS).",
+        param="model",
+    )
 
 
 def error_body(
@@ -485,12 +537,14 @@ def error_body(
 # Error class -> (HTTP status, OpenAI error type, code). Checked in order: subclasses first.
 ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
     (InvalidRequest, 400, "invalid_request_error", None),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (SessionUnavailable, 503, "service_unavailable", "session_unavailable"),
     (QueryTimeout, 504, "timeout", "query_timeout"),
     (EmptyResponse, 502, "api_error", "empty_response"),
     (InvalidStructuredOutput, 502, "api_error", "invalid_structured_output"),
+    (InvalidToolCall, 502, "api_error", "invalid_tool_call"),
     (InternalError, 500, "server_error", None),
     (CliError, 502, "api_error", "cli_error"),
     (SessionCrashed, 502, "api_error", "cli_crashed"),
@@ -502,7 +556,7 @@ RETRY_AFTER_S = {429: 1, 503: 5}
 def error_response(error: CcwrapError) -> tuple[dict[str, Any], int, dict[str, str]]:
     for cls, status, kind, code in ERRORS:
         if isinstance(error, cls):
-            param = error.param if isinstance(error, InvalidRequest) else None
+            param = error.param if isinstance(error, InvalidRequest | ModelNotFound) else None
             if isinstance(error, InvalidRequest) and error.code is not None:
                 code = error.code
             headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}

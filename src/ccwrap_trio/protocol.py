@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .core import ToolCall, ToolCallDelta, ToolCallStart
 from .expansions import neutralize
 
 
@@ -54,6 +55,11 @@ class TurnResult:
     api_error_status: int | None = None
     local_command: str | None = None
     duration_ms: int = 0
+    stop_reason: str | None = None
+    # Filled by the session from the turn's stream: the calls the model made, the model used,
+    # and the text streamed before them (a turn stopped for tools has no "result" text).
+    tool_calls: tuple[ToolCall, ...] = ()
+    model: str = ""
 
     @property
     def interrupted(self) -> bool:
@@ -83,6 +89,54 @@ class MessageStart:
     """The API's ``message_start`` event: the prompt's token counts, before any text."""
 
     usage: Usage
+    model: str = ""  # the model that answers this API call
+
+
+@dataclass(frozen=True)
+class ToolUseStart:
+    """A ``tool_use`` content block begins (``content_block_start``): the CLI's tool name."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolInputDelta:
+    """A piece of a tool call's input JSON (``input_json_delta``), as the API streams it."""
+
+    index: int
+    partial_json: str
+
+
+@dataclass(frozen=True)
+class MessageDelta:
+    """The API's ``message_delta`` event: the message's stop reason is known."""
+
+    stop_reason: str | None
+
+
+@dataclass(frozen=True)
+class MessageStop:
+    """The API's ``message_stop`` event: the API call's stream is complete."""
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A ``control_request`` from the CLI (``mcp_message``, ``can_use_tool``...)."""
+
+    request_id: str
+    subtype: str
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ControlResponse:
+    """The CLI's answer to one of our control requests."""
+
+    request_id: str
+    subtype: str
+    response: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -99,9 +153,12 @@ class NotJson:
     raw: str
 
 
-Event = TurnResult | Init | TextDelta | MessageStart | Other | NotJson
-# What a turn reports while it runs, for streaming.
-Progress = TextDelta | MessageStart
+Event = (
+    TurnResult | Init | TextDelta | MessageStart | ToolUseStart | ToolInputDelta | MessageDelta
+    | MessageStop | ControlRequest | ControlResponse | Other | NotJson
+)
+# What a turn reports while it runs, for streaming (tool calls in the client's names).
+Progress = TextDelta | MessageStart | ToolCallStart | ToolCallDelta
 
 
 def parse_line(raw: bytes | str) -> Event:
@@ -122,11 +179,38 @@ def parse_line(raw: bytes | str) -> Event:
             delta = event.get("delta")
             if isinstance(delta, dict) and delta.get("type") == "text_delta":
                 return TextDelta(str(delta.get("text", "")))
+            if isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                return ToolInputDelta(_count(event.get("index")),
+                                      str(delta.get("partial_json", "")))
+        if isinstance(event, dict) and event.get("type") == "content_block_start":
+            block = event.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                return ToolUseStart(_count(event.get("index")), str(block.get("id", "")),
+                                    str(block.get("name", "")))
+        if isinstance(event, dict) and event.get("type") == "message_delta":
+            delta = event.get("delta")
+            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            return MessageDelta(reason if isinstance(reason, str) else None)
+        if isinstance(event, dict) and event.get("type") == "message_stop":
+            return MessageStop()
         if isinstance(event, dict) and event.get("type") == "message_start":
             started = event.get("message")
-            return MessageStart(Usage.from_json(started.get("usage") if isinstance(
-                started, dict) else None))
+            started = started if isinstance(started, dict) else {}
+            return MessageStart(Usage.from_json(started.get("usage")),
+                                str(started.get("model") or ""))
         return Other("stream_event")
+    if kind == "control_request":
+        request = message.get("request")
+        request = request if isinstance(request, dict) else {}
+        return ControlRequest(str(message.get("request_id", "")),
+                              str(request.get("subtype", "")), request)
+    if kind == "control_response":
+        response = message.get("response")
+        response = response if isinstance(response, dict) else {}
+        inner = response.get("response")
+        return ControlResponse(str(response.get("request_id", "")),
+                               str(response.get("subtype", "")),
+                               inner if isinstance(inner, dict) else {})
     if kind == "system" and message.get("subtype") == "init":
         return Init(
             session_id=str(message.get("session_id", "")),
@@ -172,6 +256,23 @@ def interrupt_line(request_id: str) -> bytes:
     )
 
 
+def control_request_line(request_id: str, request: dict[str, Any]) -> bytes:
+    """A control request of ours (``set_model``, an ``mcp_message``...)."""
+    return _line({"type": "control_request", "request_id": request_id, "request": request})
+
+
+def control_response_line(request_id: str, response: dict[str, Any]) -> bytes:
+    """Our answer to one of the CLI's control requests."""
+    return _line({"type": "control_response",
+                  "response": {"subtype": "success", "request_id": request_id,
+                               "response": response}})
+
+
+def control_error_line(request_id: str, message: str) -> bytes:
+    """A refusal of one of the CLI's control requests."""
+    return _line({"type": "control_response",
+                  "response": {"subtype": "error", "request_id": request_id, "error": message}})
+
 
 def _result(message: dict[str, Any]) -> TurnResult:
     status = message.get("api_error_status")
@@ -194,6 +295,9 @@ def _result(message: dict[str, Any]) -> TurnResult:
         api_error_status=status if isinstance(status, int) else None,
         local_command=local if isinstance(local, str) else None,
         duration_ms=_count(message.get("duration_ms")),
+        stop_reason=message.get("stop_reason") if isinstance(
+            message.get("stop_reason"), str
+        ) else None,
     )
 
 

@@ -6,6 +6,7 @@ ends and reaps it (stdin closed, then SIGTERM, then SIGKILL), whatever cancelled
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import signal
@@ -13,12 +14,14 @@ import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from . import protocol
+from . import protocol, toolbridge
+from .core import Tool, ToolCall, ToolCallDelta, ToolCallStart
 from .errors import SessionCrashed, SpawnFailed
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,13 @@ class Session:
         self.cli_version = ""
         self.tools: tuple[str, ...] = ()
         self.mcp_servers: tuple[str, ...] = ()
+        # The model name last asked for (--model or set_model); ``model`` is what it resolved to.
+        self.model_name = ""
+        # What our MCP server answers tools/list with, and what the CLI last fetched.
+        self.offered_tools: tuple[Tool, ...] = ()
+        self.listed_tools: tuple[Tool, ...] = ()
+        self._lists_served = 0
+        self._turn_state = _TurnState()
         # Set when the protocol is out of step (a cancelled read, an undrained interrupt): the
         # owner must not send another turn, only close the session.
         self.broken: str | None = None
@@ -123,6 +133,70 @@ class Session:
             self.tokens = result.usage.context_tokens
         return result
 
+    async def use_tools(self, tools: tuple[Tool, ...]) -> None:
+        """Make the next turn offer exactly ``tools``; a no-op when the CLI has them already.
+
+        Unbounded by itself: callers wrap it in a deadline. Raises SessionCrashed.
+        """
+        if tools == self.listed_tools:
+            return
+        self.offered_tools = tools
+        served = self._lists_served
+        request_id = f"ccwrap_tools_{next(_interrupt_ids)}"
+        answered = False
+
+        def done(event: protocol.Event) -> bool:
+            nonlocal answered
+            if isinstance(event, protocol.ControlResponse) and event.request_id == request_id:
+                answered = True
+            # The CLI fetches the new list at once; the next turn carries it.
+            return answered and self._lists_served > served and self.listed_tools == tools
+
+        await self._control(protocol.control_request_line(request_id, toolbridge.LIST_CHANGED),
+                            done)
+
+    async def use_model(self, model: str) -> None:
+        """Switch the session to ``model`` (``set_model``); a no-op when it is on it already.
+
+        Unbounded by itself: callers wrap it in a deadline. Raises SessionCrashed.
+        """
+        if model in (self.model_name, self.model):
+            return
+        request_id = f"ccwrap_model_{next(_interrupt_ids)}"
+        line = protocol.control_request_line(request_id, {"subtype": "set_model", "model": model})
+        reply: protocol.ControlResponse | None = None
+
+        def done(event: protocol.Event) -> bool:
+            nonlocal reply
+            if isinstance(event, protocol.ControlResponse) and event.request_id == request_id:
+                reply = event
+            return reply is not None
+
+        await self._control(line, done)
+        assert reply is not None
+        if reply.subtype != "success":
+            raise SessionCrashed(f"set_model {model!r} failed: {reply.response}")
+        self.model_name = model
+        resolved = reply.response.get("model")
+        self.model = resolved if isinstance(resolved, str) and resolved else model
+
+    async def _control(self, line: bytes, done: Callable[[protocol.Event], bool]) -> None:
+        if not self.alive:
+            raise SessionCrashed(self.broken or self.describe_exit())
+        self._busy = True
+        try:
+            await self._stdin.send_all(line)
+            while not done(await self._read_event()):
+                pass
+            self._busy = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.broken = "stdin closed"
+            raise SessionCrashed(self.describe_exit()) from exc
+        except BaseException:
+            if self.broken is None:
+                self.broken = "a control request was left before its answer"
+            raise
+
     async def clear(self) -> None:
         """Reset the conversation in-process (``/clear``: no API call, ~70 ms)."""
         result = await self._turn(protocol.CLEAR_LINE, None)
@@ -152,17 +226,17 @@ class Session:
         if not self.alive:
             raise SessionCrashed(self.broken or self.describe_exit())
         self._busy = True
+        state = self._turn_state = _TurnState()
         try:
             await self._stdin.send_all(line)
             while True:
                 event = await self._read_event()
                 if isinstance(event, protocol.TurnResult):
                     self._busy = False
-                    return event
-                if on_progress is not None and isinstance(
-                    event, protocol.TextDelta | protocol.MessageStart
-                ):
-                    await on_progress(event)
+                    return state.finish(event)
+                progress = state.progress(event)
+                if on_progress is not None and progress is not None:
+                    await on_progress(progress)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.broken = "stdin closed"
             raise SessionCrashed(self.describe_exit()) from exc
@@ -191,7 +265,43 @@ class Session:
             self.cli_version = event.cli_version
             self.tools = event.tools
             self.mcp_servers = event.mcp_servers
+        elif isinstance(event, protocol.ControlRequest):
+            await self._answer_control(event)
+        elif isinstance(event, protocol.MessageDelta):
+            self._turn_state.stop_reason = event.stop_reason
+        elif isinstance(event, protocol.MessageStop):
+            # The API call's stream is over: every tool_use block is complete. Denied earlier
+            # (even right after message_delta, seen on 2.1.332) the CLI may abort the stream.
+            state = self._turn_state
+            state.stopped = True
+            held, state.held = state.held, []
+            for request_id in held:
+                await self._send_answer(request_id, toolbridge.DENY)
         return event
+
+    async def _answer_control(self, event: protocol.ControlRequest) -> None:
+        if event.subtype == "mcp_message":
+            message = event.request.get("message")
+            if isinstance(message, dict) and message.get("method") == "tools/list":
+                self.listed_tools = self.offered_tools
+                self._lists_served += 1
+            reply = toolbridge.mcp_reply(message, self.offered_tools)
+            await self._send_answer(event.request_id, {"mcp_response": reply})
+        elif event.subtype == "can_use_tool":
+            # Denied at once, the stream is aborted and a parallel call is lost (PROTOCOL.md):
+            # held until message_stop says the API call is complete.
+            if self._turn_state.stopped:
+                await self._send_answer(event.request_id, toolbridge.DENY)
+            else:
+                self._turn_state.held.append(event.request_id)
+        else:
+            log.warning("[WARN] CLI control request %r not understood; answered with an error",
+                        event.subtype)
+            await self._stdin.send_all(protocol.control_error_line(
+                event.request_id, f"unsupported control request {event.subtype!r}"))
+
+    async def _send_answer(self, request_id: str, response: dict[str, Any]) -> None:
+        await self._stdin.send_all(protocol.control_response_line(request_id, response))
 
     async def _terminate(self) -> None:
         """End the child for good: stdin EOF, then SIGTERM, then SIGKILL. Always reaps."""
@@ -211,6 +321,50 @@ class Session:
             for stream in (process.stdout, process.stderr):
                 if stream is not None:
                     await stream.aclose()
+
+
+@dataclass
+class _TurnState:
+    """What one turn's stream has shown so far: text, tool calls, the model, held denials."""
+
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)  # block index -> [id, name, json]
+    ordinals: dict[int, int] = field(default_factory=dict)  # block index -> call number
+    model: str = ""
+    stop_reason: str | None = None  # from message_delta
+    stopped: bool = False  # message_stop seen
+    held: list[str] = field(default_factory=list)
+
+    def progress(self, event: protocol.Event) -> protocol.Progress | None:
+        if isinstance(event, protocol.TextDelta):
+            self.text.append(event.text)
+            return event
+        if isinstance(event, protocol.MessageStart):
+            self.model = event.model or self.model
+            return event
+        if isinstance(event, protocol.ToolUseStart) and event.name.startswith(toolbridge.PREFIX):
+            # Only the client's tools: anything else is the CLI's business ("No such tool").
+            ordinal = self.ordinals[event.index] = len(self.ordinals)
+            name = toolbridge.client_name(event.name)
+            self.calls[event.index] = [event.id, name, ""]
+            return ToolCallStart(ordinal, event.id, name)
+        if isinstance(event, protocol.ToolInputDelta) and event.index in self.calls:
+            self.calls[event.index][2] += event.partial_json
+            return ToolCallDelta(self.ordinals[event.index], event.partial_json)
+        return None
+
+    def finish(self, result: protocol.TurnResult) -> protocol.TurnResult:
+        calls = tuple(ToolCall(id_, name, arguments or "{}")
+                      for id_, name, arguments in self.calls.values())
+        # Stopped by our denial: aborted_tools; aborted_streaming if the CLI still read the
+        # stream. Either way message_delta said tool_use, so every block arrived whole.
+        if calls and (result.terminal_reason == "aborted_tools" or (
+            self.stop_reason == "tool_use" and result.terminal_reason == "aborted_streaming"
+        )):
+            # The answer is the text before the calls.
+            return dataclasses.replace(result, text="".join(self.text), is_error=False,
+                                       tool_calls=calls, model=self.model)
+        return dataclasses.replace(result, model=self.model)
 
 
 @asynccontextmanager
@@ -240,6 +394,8 @@ async def open_session(
         raise SpawnFailed(f"cannot start {command[0]!r}: {exc.strerror or exc}") from exc
     stderr_tail: deque[str] = deque(maxlen=5)
     session = Session(process, stderr_tail)
+    if "--model" in command[:-1]:
+        session.model_name = command[list(command).index("--model") + 1]
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain_stderr, process, stderr_tail)

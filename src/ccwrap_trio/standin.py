@@ -50,12 +50,18 @@ Directives, written anywhere in the last user text block of a request:
   [standin:drop]             close the connection right after the message_start event
   [standin:tool-use=NAME]    answer with a tool_use block calling tool NAME (input: a command
                              that would create the file "pwned"), as a hostile model would
+  [standin:call=NAME[,NAME]] when the request offers the tool NAME (or mcp__<server>__NAME):
+                             "Let me check." and one tool_use block per NAME (several: parallel
+                             calls), input made to fit the tool's input_schema and streamed as
+                             input_json_delta pieces; read from any user text of the
+                             conversation; with invalid-first the first turn's input is invalid
   [standin:reply=BASE64]     reply with exactly this text (base64 of UTF-8; empty: empty reply)
   [standin:invalid-first]    with a ```json-schema block: the first request of a conversation
                              (no assistant message yet) gets JSON that does NOT validate
 """
 
 ECHO_PREFIX = "echo:"
+TOOL_CALL_TEXT = "Let me check."
 ECHO_MAX_CHARS = 200
 
 # What a [standin:tool-use=NAME] answer asks the tool to do: each would leave a file behind.
@@ -144,6 +150,7 @@ class Directives:
     reply: str | None = None
     invalid_first: bool = False
     tool_use: str | None = None
+    calls: tuple[str, ...] = ()
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -168,6 +175,9 @@ def parse_directives(text: str) -> tuple[Directives, str]:
                 found.status = code
             elif name == "tool-use":
                 found.tool_use = _require(name, value).strip()
+            elif name == "call":
+                found.calls = tuple(n.strip() for n in _require(name, value).split(",")
+                                    if n.strip())
             elif name in ("hang", "drop", "invalid-first"):
                 setattr(found, name.replace("-", "_"), True)
             elif name == "reply":
@@ -193,6 +203,29 @@ def _has_tool_result(body: dict[str, Any]) -> bool:
         if isinstance(message.get("content"), list)
         for block in message["content"]
     )
+
+
+def requested_calls(body: dict[str, Any]) -> tuple[str, ...]:
+    """The tool names of the conversation's ``[standin:call=...]`` directives, in order."""
+    names: list[str] = []
+    for message in _messages(body):
+        if message.get("role") == "user":
+            for text in _block_texts(message.get("content")):
+                for match in _DIRECTIVE_RE.finditer(text):
+                    if match.group(1).lower() == "call" and match.group(2):
+                        names += [n.strip() for n in match.group(2).split(",") if n.strip()]
+    return tuple(names)
+
+
+def offered_tool(body: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The request's tool called ``name``, or ``mcp__<server>__name``; None if not offered."""
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict) and isinstance(tool.get("name"), str) and (
+            tool["name"] == name or tool["name"].endswith(f"__{name}")
+        ):
+            return tool
+    return None
 
 
 def _require(name: str, value: str | None) -> str:
@@ -536,6 +569,8 @@ class _Plan:
     model: str = "claude-standin"
     deltas: list[str] = field(default_factory=list)
     tool_use: str | None = None  # answer with a tool_use block calling this tool
+    # [standin:call]: (tool name as offered, input) per tool_use block, after a short text
+    calls: list[tuple[str, Any]] = field(default_factory=list)
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -708,9 +743,18 @@ class Standin:
             plan.error_message = f"standin: injected HTTP {directives.status}"
             return plan
 
+        offered = [t for t in map(lambda n: offered_tool(body, n), requested_calls(body)) if t]
         if directives.tool_use is not None and not _has_tool_result(body):
             plan.tool_use = directives.tool_use
             call.reply = json.dumps(TOOL_USE_INPUT)
+        elif offered:
+            wrong = directives.invalid_first and is_first_turn(body)
+            for tool in offered:
+                schema = tool.get("input_schema", {"type": "object"})
+                plan.calls.append(
+                    (tool["name"], invalid_instance(schema) if wrong else schema_instance(schema))
+                )
+            call.reply = TOOL_CALL_TEXT
         elif directives.reply is not None:
             call.reply = directives.reply
         elif schema is not None:
@@ -733,6 +777,10 @@ class Standin:
     ) -> None:
         plan = self._plan(path, body)
         call = plan.call
+        tools = body.get("tools")
+        logger.info("standin: model=%s tools=%s", body.get("model"), [
+            t.get("name") for t in (tools if isinstance(tools, list) else []) if isinstance(t, dict)
+        ])
         self.calls.append(call)
         self._changed.set()
         self._changed = trio.Event()
@@ -799,6 +847,9 @@ class Standin:
         if plan.tool_use is not None:
             yield from self._tool_use_events(plan)
             return
+        if plan.calls:
+            yield from self._call_events(plan)
+            return
         yield _sse(
             "content_block_start",
             {
@@ -845,14 +896,48 @@ class Standin:
         })
         yield _sse("message_stop", {"type": "message_stop"})
 
+    def _call_events(self, plan: _Plan) -> Iterator[bytes]:
+        """Text, then one tool_use block per call, streamed as the Messages API does."""
+        yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}})
+        text_delta = {"type": "text_delta", "text": plan.call.reply}
+        yield _sse("content_block_delta",
+                   {"type": "content_block_delta", "index": 0, "delta": text_delta})
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+        for index, (name, arguments) in enumerate(plan.calls, start=1):
+            block = {"type": "tool_use", "id": f"toolu_{plan.message_id[-12:]}{index:04d}",
+                     "name": name, "input": {}}
+            yield _sse("content_block_start",
+                       {"type": "content_block_start", "index": index, "content_block": block})
+            text = json.dumps(arguments)
+            middle = len(text) // 2
+            for piece in (text[:middle], text[middle:]):  # partial JSON, as the API sends it
+                yield _sse("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": piece},
+                })
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+        yield _sse("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": plan.call.usage["output_tokens"]},
+        })
+        yield _sse("message_stop", {"type": "message_stop"})
+
     def _full_message(self, plan: _Plan) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": plan.call.reply}]
+        content += [
+            {"type": "tool_use", "id": f"toolu_{plan.message_id[-12:]}{index:04d}", "name": name,
+             "input": arguments}
+            for index, (name, arguments) in enumerate(plan.calls, start=1)
+        ]
         return {
             "id": plan.message_id,
             "type": "message",
             "role": "assistant",
             "model": plan.model,
-            "content": [{"type": "text", "text": plan.call.reply}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": "tool_use" if plan.calls else "end_turn",
             "stop_sequence": None,
             "usage": plan.call.usage,
         }

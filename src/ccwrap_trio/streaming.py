@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from . import openai_api, protocol
+from .core import ToolCallDelta, ToolCallStart
 from .errors import CcwrapError
 from .openai_api import SSE_DONE, SSE_KEEPALIVE, AnswerLimiter, ChatRequest, sse
 from .supervisor import QueryHandle
@@ -24,16 +25,21 @@ async def completion_stream(
     completion_id = openai_api.new_completion_id()
     created = int(time.time())
 
+    model = chat.model  # until the API says which model answers (message_start)
+
     def frame(delta: dict[str, object], finish_reason: str | None = None) -> bytes:
-        return sse(openai_api.chunk(completion_id, created, chat.model, delta, finish_reason))
+        return sse(openai_api.chunk(completion_id, created, model, delta, finish_reason))
 
     limiter = AnswerLimiter(chat.stop, chat.max_chars)
     prompt_usage = protocol.Usage()
     sent = ""
     started = False
+    calls = 0
     with handle:
         try:
             event = await handle.next_event(patience=keepalive_s)
+            if isinstance(event, protocol.MessageStart) and event.model:
+                model = event.model
             started = True
             yield frame({"role": "assistant", "content": "", "refusal": None})
             while not isinstance(event, protocol.TurnResult):
@@ -41,6 +47,14 @@ async def completion_stream(
                     yield SSE_KEEPALIVE  # silence: keep proxies from cutting the stream
                 elif isinstance(event, protocol.MessageStart):
                     prompt_usage = event.usage
+                elif isinstance(event, ToolCallStart | ToolCallDelta):
+                    if isinstance(event, ToolCallStart):
+                        calls += 1
+                        # Text held back for a stop sequence goes before the calls.
+                        if text := limiter.flush():
+                            sent += text
+                            yield frame({"content": text})
+                    yield frame(_tool_delta(event))
                 elif text := limiter.feed(event.text):
                     sent += text
                     yield frame({"content": text})
@@ -57,12 +71,16 @@ async def completion_stream(
         if isinstance(event, protocol.TurnResult):
             result = event
             # Validated JSON is sent whole and never cut; text sends what was held back.
-            text = result.text if chat.structured is not None else limiter.flush()
+            text = result.text if chat.structured is not None and not result.tool_calls else (
+                limiter.flush()
+            )
             if text:
                 sent += text
                 yield frame({"content": text})
             usage = result.usage
             finish_reason = limiter.finish_reason or "stop"
+            if result.tool_calls:
+                finish_reason = "tool_calls"
         else:
             # Cut by stop or max_tokens: end the turn now; its usage is what we know of it.
             handle.finish_early()
@@ -78,3 +96,13 @@ async def completion_stream(
             yield sse(openai_api.usage_chunk(completion_id, created, chat.model, usage))
         yield SSE_DONE
 
+
+
+def _tool_delta(event: ToolCallStart | ToolCallDelta) -> dict[str, object]:
+    """``delta.tool_calls``: index, id, type and name first, then argument fragments."""
+    if isinstance(event, ToolCallStart):
+        call: dict[str, object] = {"index": event.index, "id": event.id, "type": "function",
+                                   "function": {"name": event.name, "arguments": ""}}
+    else:
+        call = {"index": event.index, "function": {"arguments": event.arguments}}
+    return {"tool_calls": [call]}

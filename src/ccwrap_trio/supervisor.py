@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 import trio
 
-from . import protocol
+from . import protocol, tool_policy
 from .config import Config
+from .core import CoreRequest, ToolCallDelta, ToolCallStart
 from .errors import (
     CcwrapError,
     CliError,
@@ -29,6 +30,7 @@ from .errors import (
     EmptyResponse,
     InternalError,
     InvalidStructuredOutput,
+    InvalidToolCall,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
@@ -46,7 +48,10 @@ log = logging.getLogger(__name__)
 Content = str | list[dict[str, Any]]
 OnProgress = Callable[[protocol.Progress], Awaitable[None]]
 # What a worker sends back on a query's reply channel: progress, then one result or error.
-Reply = protocol.TextDelta | protocol.MessageStart | protocol.TurnResult | CcwrapError
+Reply = (
+    protocol.TextDelta | protocol.MessageStart | ToolCallStart | ToolCallDelta
+    | protocol.TurnResult | CcwrapError
+)
 
 
 class SessionLike(Protocol):
@@ -78,6 +83,10 @@ class SessionLike(Protocol):
 
     async def interrupt(self) -> bool: ...
 
+    async def use_tools(self, tools: tuple[Any, ...]) -> None: ...
+
+    async def use_model(self, model: str) -> None: ...
+
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
 RssProbe = Callable[[int], Awaitable[float]]
@@ -99,6 +108,8 @@ class Query:
     reply: trio.MemorySendChannel[Reply]
     stream: bool = False
     structured: StructuredOutput | None = None
+    # The dialect-free request (tools, tool_choice, model); None: plain text on the default model.
+    request: CoreRequest | None = None
     first_token_at: float | None = None  # when the first text arrived (time to first token)
     # Cancelled when the client gives up (timeout, disconnect): the worker interrupts the turn.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -346,8 +357,11 @@ class SessionWorker:
             with query.scope:
                 if self._config.log_prompts:
                     log.info("[PROMPT] request_id=%s %.4000s", query.request_id, query.content)
+                await self._prepare(session, query)
                 result = await self._ask(session, query, on_progress)
-                if query.structured is not None:
+                if query.request is not None and query.request.tools:
+                    result = await self._validate_tools(session, query, query.request, result)
+                if query.structured is not None and not result.tool_calls:
                     result = await self._validate(session, query, query.structured, result)
                 if self._config.log_prompts:
                     log.info("[ANSWER] request_id=%s %.4000s", query.request_id, result.text)
@@ -368,12 +382,64 @@ class SessionWorker:
             self.active = None
         return True
 
+    async def _prepare(self, session: SessionLike, query: Query) -> None:
+        """Give the session the query's tools and model; each only when it differs."""
+        request = query.request
+        tools = request.tools if request is not None and request.offers_tools else ()
+        try:
+            with trio.fail_after(self._config.control_timeout_s):
+                # Always: a plain request after a tool request must offer no tool.
+                await session.use_tools(tools)
+                if request is not None and request.model:
+                    await session.use_model(request.model)
+        except trio.TooSlowError as exc:
+            # Left mid-exchange: the session is out of step and will be replaced.
+            raise SessionCrashed(
+                f"the CLI did not answer a control request within "
+                f"{self._config.control_timeout_s:g}s (CCWRAP_CONTROL_TIMEOUT)"
+            ) from exc
+
+    async def _validate_tools(
+        self,
+        session: SessionLike,
+        query: Query,
+        request: CoreRequest,
+        result: protocol.TurnResult,
+    ) -> protocol.TurnResult:
+        """Check the calls against the tools and tool_choice; repair turns like _validate."""
+        usage = result.usage
+        repairs = self._config.schema_repairs
+        for attempt in range(repairs + 1):
+            result, errors = tool_policy.check(request, result)
+            if not errors:
+                return dataclasses.replace(result, usage=usage)
+            if attempt == repairs or query.stream:
+                # A streamed answer was sent as it came: it cannot be taken back and repaired.
+                break
+            self._counters.schema_repairs += 1
+            log.warning(
+                "[WARN] Tool call invalid, repair %d/%d: %s request_id=%s",
+                attempt + 1, repairs, "; ".join(errors)[:300], query.request_id,
+            )
+            result = await session.ask(tool_policy.repair_prompt(request, errors))
+            self._check(result)
+            usage = usage + result.usage
+        self._counters.schema_failures += 1
+        log.error(
+            "[ERROR] Tool call invalid after %d repairs: %s request_id=%s",
+            0 if query.stream else repairs, "; ".join(errors)[:300], query.request_id,
+        )
+        raise InvalidToolCall(
+            f"the model's answer did not fit the request's tools after "
+            f"{0 if query.stream else repairs} repair turns: {'; '.join(errors)[:500]}"
+        )
+
     async def _ask(
         self, session: SessionLike, query: Query, on_progress: OnProgress | None
     ) -> protocol.TurnResult:
         result = await session.ask(query.content, on_progress)
         self._check(result)
-        if result.text.strip():
+        if result.text.strip() or result.tool_calls:
             return result
         self._counters.empty_retries += 1
         log.warning("[WARN] Empty response, retrying... request_id=%s", query.request_id)
@@ -385,7 +451,7 @@ class SessionWorker:
         except CcwrapError as exc:
             log.error("[ERROR] Query failed after retry: %s", exc)
             raise
-        if not result.text.strip():
+        if not result.text.strip() and not result.tool_calls:
             log.error("[ERROR] Query failed after retry: empty response")
             raise EmptyResponse("the CLI answered with no text, twice")
         return result
@@ -570,6 +636,7 @@ class Supervisor:
         request_id: str | None = None,
         stream: bool = False,
         structured: StructuredOutput | None = None,
+        request: CoreRequest | None = None,
     ) -> QueryHandle:
         """Put a query in the queue at once, or raise QueueFull / SessionUnavailable.
 
@@ -596,6 +663,7 @@ class Supervisor:
                 reply=reply_send,
                 stream=stream,
                 structured=structured,
+                request=request,
             )
             try:
                 self._send.send_nowait(query)
@@ -615,12 +683,15 @@ class Supervisor:
         *,
         request_id: str | None = None,
         structured: StructuredOutput | None = None,
+        request: CoreRequest | None = None,
     ) -> protocol.TurnResult:
         """Answer one request through a session (no streaming): its final result.
 
         Raises QueueFull, SessionUnavailable/ShuttingDown, QueryTimeout, or the turn's CcwrapError.
         """
-        with self.submit(content, request_id=request_id, structured=structured) as handle:
+        with self.submit(
+            content, request_id=request_id, structured=structured, request=request
+        ) as handle:
             while True:
                 event = await handle.next_event()
                 if isinstance(event, protocol.TurnResult):
@@ -664,7 +735,7 @@ class QueryHandle:
 
     async def next_event(
         self, *, patience: float | None = None
-    ) -> protocol.TextDelta | protocol.MessageStart | protocol.TurnResult | None:
+    ) -> protocol.Progress | protocol.TurnResult | None:
         """The next event; None when ``patience`` seconds pass without one (keep-alive time).
 
         Raises QueryTimeout at the query's deadline, or the worker's CcwrapError.
