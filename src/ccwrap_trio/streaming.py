@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from . import openai_api, protocol
-from .errors import CcwrapError
+from .errors import CcwrapError, CliError
 from .openai_api import SSE_DONE, SSE_KEEPALIVE, AnswerLimiter, ChatRequest, sse
 from .supervisor import QueryHandle
 
@@ -31,22 +31,34 @@ async def completion_stream(
     prompt_usage = protocol.Usage()
     sent = ""
     started = False
+    reconciler = Reconciler()
+
+    def check(result: protocol.TurnResult) -> CcwrapError | None:
+        if chat.structured is not None or reconciler.rest(result.text) is not None:
+            return None
+        return CliError(
+            "the CLI retried the API call mid-answer and its final answer differs from the "
+            "text already streamed; retry the request"
+        )
+
     with handle:
         try:
-            event = await handle.next_event(patience=keepalive_s)
+            event = await handle.next_event(patience=keepalive_s, check=check)
             started = True
             yield frame({"role": "assistant", "content": "", "refusal": None})
             while not isinstance(event, protocol.TurnResult):
                 if event is None:
                     yield SSE_KEEPALIVE  # silence: keep proxies from cutting the stream
                 elif isinstance(event, protocol.MessageStart):
-                    prompt_usage = event.usage
-                elif text := limiter.feed(event.text):
+                    if not reconciler.seen:
+                        prompt_usage = event.usage
+                    reconciler.new_attempt()
+                elif text := limiter.feed(reconciler.feed(event.text)):
                     sent += text
                     yield frame({"content": text})
                 if limiter.finish_reason is not None:
                     break
-                event = await handle.next_event(patience=keepalive_s)
+                event = await handle.next_event(patience=keepalive_s, check=check)
         except CcwrapError as exc:
             if not started:
                 raise
@@ -56,8 +68,13 @@ async def completion_stream(
             return
         if isinstance(event, protocol.TurnResult):
             result = event
-            # Validated JSON is sent whole and never cut; text sends what was held back.
-            text = result.text if chat.structured is not None else limiter.flush()
+            # Validated JSON is sent whole and never cut; text sends what the deltas missed
+            # (check() made sure there is a way) and what was held back.
+            if chat.structured is not None:
+                text = result.text
+            else:
+                limiter.feed(reconciler.rest(result.text) or "")
+                text = limiter.flush()
             if text:
                 sent += text
                 yield frame({"content": text})
@@ -78,3 +95,49 @@ async def completion_stream(
             yield sse(openai_api.usage_chunk(completion_id, created, chat.model, usage))
         yield SSE_DONE
 
+
+
+class Reconciler:
+    """Keeps a stream's text what the model said once, when the CLI retries the API itself.
+
+    A dropped connection or a broken event mid-answer makes the CLI retry: a new
+    ``message_start`` and the answer's deltas from the start again (or no deltas at all, when the
+    retry is not streamed). ``feed`` passes on only text the client has not had; ``rest`` is what
+    completes it to the final ``result``, or None when the two cannot be reconciled.
+    """
+
+    def __init__(self) -> None:
+        self.seen = ""  # the model's text, as far as it went to the client
+        self._attempt: str | None = None  # a retry's text, while it repeats what was seen
+        self._diverged = False
+
+    def new_attempt(self) -> None:
+        if self.seen:
+            self._attempt = ""
+
+    def feed(self, text: str) -> str:
+        """The part of this delta that is new to the client ('' while a retry repeats)."""
+        if self._attempt is None:
+            self.seen += text
+            return text
+        self._attempt += text
+        if self._diverged or self.seen.startswith(self._attempt):
+            return ""
+        if self._attempt.startswith(self.seen):
+            new = self._attempt[len(self.seen):]
+            self.seen, self._attempt = self._attempt, None  # caught up: plain deltas again
+            return new
+        self._diverged = True  # the retry says something else: only the result can tell
+        return ""
+
+    def rest(self, final: str) -> str | None:
+        """What to send after ``seen`` so that the client has ``final``; None if impossible."""
+        if final.startswith(self.seen):
+            return final[len(self.seen):]
+        # The result's text may lose the outer whitespace the deltas had: the same answer.
+        core = self.seen.lstrip()
+        if final.startswith(core):
+            return final[len(core):]
+        if core.rstrip() == final:
+            return ""
+        return None

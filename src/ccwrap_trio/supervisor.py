@@ -707,11 +707,16 @@ class QueryHandle:
         return self._query.request_id
 
     async def next_event(
-        self, *, patience: float | None = None
+        self,
+        *,
+        patience: float | None = None,
+        check: Callable[[protocol.TurnResult], CcwrapError | None] | None = None,
     ) -> protocol.TextDelta | protocol.MessageStart | protocol.TurnResult | None:
         """The next event; None when ``patience`` seconds pass without one (keep-alive time).
 
-        Raises QueryTimeout at the query's deadline, or the worker's CcwrapError.
+        ``check`` vets the final result before it counts as a success (a stream whose text
+        cannot be reconciled with it is an error). Raises QueryTimeout at the query's deadline,
+        the worker's CcwrapError, or ``check``'s.
         """
         query = self._query
         wait_until = query.deadline
@@ -730,6 +735,9 @@ class QueryHandle:
             self._finish("error", type(item).__name__)
             raise item
         if isinstance(item, protocol.TurnResult):
+            if check is not None and (error := check(item)) is not None:
+                self._finish("error", type(error).__name__)
+                raise error
             usage = item.usage
             self._counters.prompt_tokens += usage.prompt_tokens
             self._counters.completion_tokens += usage.output_tokens

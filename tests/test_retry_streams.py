@@ -1,0 +1,99 @@
+"""Issue 10 (part A), finding 5: a streamed answer stays what the model said once when the CLI
+retries the API by itself (connection dropped, malformed event), checked end to end on the real
+CLI, and the reconciliation rules on their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ccwrap_trio.streaming import Reconciler
+
+from .conftest import real_stack
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+# Deltas spaced out, so that the first attempt's text reaches the client before the fault.
+SLOW = "[standin:delay=0.05]"
+
+
+def feed_all(reconciler: Reconciler, events: list[str | None]) -> str:
+    """Deltas (None: a new message_start); what reached the client."""
+    out = ""
+    for event in events:
+        if event is None:
+            reconciler.new_attempt()
+        else:
+            out += reconciler.feed(event)
+    return out
+
+
+def test_a_retry_that_repeats_the_text_sends_nothing_twice() -> None:
+    r = Reconciler()
+    out = feed_all(r, [None, "ok ", "nonce", None, "ok ", "nonce", " seen=1"])
+    assert out == "ok nonce seen=1"
+    assert r.rest("ok nonce seen=1") == ""
+
+
+def test_an_unstreamed_retry_is_completed_from_the_result() -> None:
+    r = Reconciler()
+    assert feed_all(r, [None, "echo: alpha", " beta"]) == "echo: alpha beta"
+    assert r.rest("echo: alpha beta gamma") == " gamma"
+
+
+def test_a_retry_that_says_something_else_cannot_be_reconciled() -> None:
+    r = Reconciler()
+    assert feed_all(r, [None, "echo: alpha", None, "something", " else"]) == "echo: alpha"
+    assert r.rest("something else") is None
+
+
+def test_outer_whitespace_of_the_result_is_not_a_difference() -> None:
+    r = Reconciler()
+    feed_all(r, [None, "\n\nHello", " world\n"])
+    assert r.rest("Hello world") == ""
+    r = Reconciler()
+    feed_all(r, [None, "\nHello"])
+    assert r.rest("Hello world") == " world"
+
+
+async def stream_text(url: str, prompt: str) -> tuple[str, list[dict[str, object]]]:
+    async with httpx.AsyncClient(base_url=url, timeout=90) as http:
+        response = await http.post("/v1/chat/completions", json={
+            "model": "haiku", "stream": True, "messages": [{"role": "user", "content": prompt}]})
+        assert response.status_code == 200, response.text
+    frames = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""  # type: ignore[index]
+        for c in chunks if c.get("choices")
+    )
+    return text, chunks
+
+
+@pytest.mark.parametrize("fault", ["drop-mid-once", "malformed-once"])
+async def test_real_cli_retry_mid_stream_streams_the_answer_once(
+    tmp_path: Path, fault: str
+) -> None:
+    async with real_stack(tmp_path) as (url, standin, _config):
+        text, chunks = await stream_text(url, f"{SLOW} [standin:{fault}] {WORDS}")
+        assert [c.fault for c in standin.calls][-2:] == [fault.split("-once")[0], None]
+        assert text == f"echo: {WORDS}"  # not doubled, not cut
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"  # type: ignore[index]
+
+
+async def test_real_cli_retry_with_another_answer_ends_in_an_error(tmp_path: Path) -> None:
+    async with real_stack(tmp_path) as (url, _standin, _config):
+        prompt = f"{SLOW} [standin:drop-mid-once] [standin:retry-differs] {WORDS}"
+        text, chunks = await stream_text(url, prompt)
+        assert chunks[-1]["error"]["code"] == "cli_error"  # type: ignore[index]
+        assert not any(
+            c["choices"][0].get("finish_reason") == "stop"  # type: ignore[index]
+            for c in chunks if c.get("choices")
+        )
+        assert "different" not in text and text.startswith("echo: alpha")
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            stats = (await http.get("/health")).json()["stats"]
+        assert stats["total_errors"] == 1 and stats["successes"] == 0
