@@ -233,3 +233,20 @@ def test_query_timeout_is_still_one_outcome() -> None:
     """The property's own check: a hanging turn times out once and counts once."""
     trio.run(_chaos, [("hang", 0, 0.0, None), ("ok", 1, 0.0, None)], 1, True,
              clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# -- the CLI's own retries fit the query timeout ----------------------------------------------
+
+
+def test_cli_retries_are_bounded_by_default() -> None:
+    """Finding 7: 10 CLI retries of a failing API took ~3 minutes before the client heard."""
+    env = Config.load({"CCWRAP_QUERY_TIMEOUT": "90"}).child_env
+    assert env["CLAUDE_CODE_MAX_RETRIES"] == "2"
+    assert env["API_TIMEOUT_MS"] == "30000"  # three attempts fit the query timeout
+    assert int(Config.load({}).child_env["API_TIMEOUT_MS"]) * 3 <= 300_000
+
+
+def test_operator_values_for_cli_retries_win() -> None:
+    env = Config.load({"CLAUDE_CODE_MAX_RETRIES": "7", "API_TIMEOUT_MS": "1234"}).child_env
+    assert env["CLAUDE_CODE_MAX_RETRIES"] == "7"
+    assert env["API_TIMEOUT_MS"] == "1234"

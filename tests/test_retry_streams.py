@@ -1,18 +1,22 @@
-"""Issue 10 (part A), finding 5: a streamed answer stays what the model said once when the CLI
-retries the API by itself (connection dropped, malformed event), checked end to end on the real
-CLI, and the reconciliation rules on their own."""
+"""Issue 10 (part A), findings 5 and 7: a streamed answer stays what the model said once when the
+CLI retries the API by itself (connection dropped, malformed event), checked end to end on the
+real CLI with the reconciliation rules on their own; and the CLI's own retries are bounded."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+from ccwrap_trio.config import Config
+from ccwrap_trio.standin import Standin, StandinConfig
 from ccwrap_trio.streaming import Reconciler
 
-from .conftest import real_stack
+from .conftest import real_claude_bin, real_stack, running_server
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
 # Deltas spaced out, so that the first attempt's text reaches the client before the fault.
@@ -97,3 +101,27 @@ async def test_real_cli_retry_with_another_answer_ends_in_an_error(tmp_path: Pat
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             stats = (await http.get("/health")).json()["stats"]
         assert stats["total_errors"] == 1 and stats["successes"] == 0
+
+
+async def test_real_cli_gives_up_on_a_failing_api_after_two_retries(tmp_path: Path) -> None:
+    """Finding 7, end to end: the default child environment bounds the CLI's own retries."""
+    async with trio.open_nursery() as nursery:
+        standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
+        home = tmp_path / "home"
+        home.mkdir()
+        environ = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
+                   "ANTHROPIC_BASE_URL": standin.url, "ANTHROPIC_API_KEY": "sk-standin-e2e",
+                   "CCWRAP_CLAUDE_BIN": real_claude_bin(), "CCWRAP_PORT": "0",
+                   "CCWRAP_STANDBY": "0", "CCWRAP_FORWARD_API_KEY": "1",
+                   "CCWRAP_WORKDIR": str(tmp_path / "work"), "CCWRAP_SHUTDOWN_GRACE": "5"}
+        config = Config.load(environ)
+        async with running_server(config) as url, \
+                httpx.AsyncClient(base_url=url, timeout=300) as http:
+            started = trio.current_time()
+            response = await http.post("/v1/chat/completions", json={"model": "haiku", "messages": [
+                {"role": "user", "content": "[standin:status=529]"}]})
+            elapsed = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert response.status_code == 502, response.text
+    assert len([c for c in standin.calls if c.status == 529]) == 3  # one call, two retries
+    assert elapsed < 60  # was ~178 s with the CLI's 10 retries; 2 retries back off ~2 s
