@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
@@ -206,3 +209,94 @@ async def test_real_cli_stopped_during_clear_is_replaced(tmp_path: Path) -> None
     assert stats["timeout_restarts"] == 1
     assert stats["successes"] == 2
 
+
+
+async def test_server_at_its_file_descriptor_limit_degrades_and_recovers(fake_cli: Path) -> None:
+    """Finding 1 as found: a server process with few fds, flooded with idle connections, stayed
+    up only until its memory sampler hit EMFILE; now it waits the flood out and serves again."""
+    limit = 96
+    launcher = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'ccwrap_trio', 'serve'])"
+    )
+    env = {**os.environ, "CCWRAP_PORT": "0", "PYTHONUNBUFFERED": "1", "CCWRAP_STANDBY": "0",
+           "CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_MEMORY_SAMPLE_INTERVAL": "0.1"}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", launcher], env=env, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    stderr = process.stderr
+    log = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def drain() -> None:
+                while chunk := await stderr.receive_some(65536):
+                    log.extend(chunk)
+
+            nursery.start_soon(drain)
+            await wait_for(lambda: re.search(rb"listening on http://\S+", log) is not None,
+                           timeout=30)
+            match = re.search(rb"listening on (http://\S+)", log)
+            assert match is not None
+            url = match.group(1).decode()
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                await wait_for_healthy(http)
+                flood = []
+                for _ in range(limit + 20):  # more than it can hold: its fds run out
+                    flood.append(await trio.open_tcp_stream("127.0.0.1", port_of(url)))
+                await wait_for(
+                    lambda: b"Memory sample skipped" in log or process.poll() is not None,
+                    timeout=30,
+                )
+                assert process.returncode is None, log.decode()[-2000:]
+                for stream in flood:
+                    await stream.aclose()
+                await wait_for_healthy(http)
+                response = await http.post("/v1/chat/completions", json={
+                    "model": "haiku", "messages": [{"role": "user", "content": "hello"}]})
+                assert response.status_code == 200, response.text
+            assert process.returncode is None
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def wait_for_healthy(http: httpx.AsyncClient) -> None:
+    with trio.fail_after(30):
+        while True:
+            with suppress(httpx.TransportError):
+                if (await http.get("/health")).status_code == 200:
+                    return
+            await trio.sleep(0.1)
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM])
+async def test_spawn_out_of_fds_or_memory_recovers(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    code: int,
+) -> None:
+    """Finding 1: a spawn that fails for want of fds or memory is a clear error, then recovery."""
+    real = trio.lowlevel.open_process
+    failures = [1, 1]
+
+    async def open_process(*args: Any, **kwargs: Any) -> trio.Process:
+        if failures:
+            failures.pop()
+            raise OSError(code, os.strerror(code))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", open_process)
+    async with running_server(make_config()) as url, \
+            httpx.AsyncClient(base_url=url, timeout=30) as http:
+        response = await http.post("/v1/chat/completions", json={
+            "model": "haiku", "messages": [{"role": "user", "content": "hello"}]})
+        assert response.status_code == 200, response.text
+        stats = (await http.get("/health")).json()["stats"]
+    assert stats["recovery_attempts"] == 2
+    assert caplog.text.count("[RESTART] FAILED: cannot start") == 2
+    assert os.strerror(code) in caplog.text
