@@ -250,3 +250,22 @@ def test_operator_values_for_cli_retries_win() -> None:
     env = Config.load({"CLAUDE_CODE_MAX_RETRIES": "7", "API_TIMEOUT_MS": "1234"}).child_env
     assert env["CLAUDE_CODE_MAX_RETRIES"] == "7"
     assert env["API_TIMEOUT_MS"] == "1234"
+
+
+async def test_turn_ends_at_the_deadline_even_if_the_client_never_asks(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Finding 6: a client stuck sending to a reader that never reads never calls next_event,
+    so nothing timed its turn out: the worker was held as long as the CLI ran."""
+    sessions = FakeSessions()
+    async with supervised(sessions) as supervisor:
+        with supervisor.submit("hang until interrupted", stream=True):
+            # Nobody reads this handle (its caller is blocked elsewhere) past its deadline.
+            await trio.sleep(CONFIG.query_timeout_s + 2.0)
+            ok = await supervisor.query("next")
+            assert ok.text == "echo: next"
+            assert trio.current_time() < 2 * CONFIG.query_timeout_s
+        stats = supervisor.statistics()
+    assert sessions.current.interrupts == 1
+    assert stats.counters.timeouts == 1
+    assert stats.counters.restart_count == 0

@@ -80,6 +80,9 @@ class SessionLike(Protocol):
 
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
+# How long after a query's deadline the worker ends its turn if the client has not (it may be
+# blocked sending to a client that does not read).
+DEADLINE_BACKSTOP_S = 1.0
 RssProbe = Callable[[int], Awaitable[float]]
 
 
@@ -383,6 +386,10 @@ class SessionWorker:
         self.active = query
         on_progress = self._progress(query)
         try:
+            # The client's side times the query out at its deadline, but only while it waits
+            # for events: one blocked sending to a client that does not read never looks.
+            # The worker keeps its own deadline, a little later, so no turn outlives the query.
+            query.scope.deadline = min(query.scope.deadline, query.deadline + DEADLINE_BACKSTOP_S)
             with query.scope:
                 if self._config.log_prompts:
                     log.info("[PROMPT] request_id=%s %.4000s", query.request_id, query.content)
@@ -394,6 +401,12 @@ class SessionWorker:
                 self._reply(query, result)
                 self._log_done(session, query)
             if query.scope.cancelled_caught:
+                if query.abandoned is None:
+                    query.abandoned = "timeout"
+                    self._reply(query, QueryTimeout(
+                        f"no answer within {self._config.query_timeout_s:g}s "
+                        "(CCWRAP_QUERY_TIMEOUT)"
+                    ))
                 await self._abort_turn(session, query)
         except CcwrapError as exc:
             if isinstance(exc, ContextLengthExceeded) and self._config.isolation == "none":
