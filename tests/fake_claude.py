@@ -6,9 +6,10 @@ from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores int
 ``FAKE:crash``, ``FAKE:empty``, ``FAKE:empty-once``, ``FAKE:garbage``, ``FAKE:error=MESSAGE``,
 ``FAKE:sleep=SECONDS``, ``FAKE:delay=SECONDS`` (between deltas), ``FAKE:exit-after``,
 ``FAKE:tokens=N``, ``FAKE:hang-after=N`` (N deltas, then silence until interrupted),
-``FAKE:big=BYTES`` (one answer line of that size), ``FAKE:close-stdout`` (closes stdout, lives
-on). Every stdin line is appended to FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``,
-streamed in one delta per word.
+``FAKE:big=BYTES`` (one answer line of that size), ``FAKE:stream-big=BYTES`` (an answer of that
+size in 1,000-byte deltas), ``FAKE:hang-next-clear`` (the next ``/clear`` is never answered),
+``FAKE:close-stdout`` (closes stdout, lives on). Every stdin line is appended to FAKE_CLAUDE_LOG
+when set. The answer is ``echo: <text>``, streamed in one delta per word.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import uuid
 SESSION = str(uuid.uuid4())
 VERSION = "2.1.332-fake"
 seen_empty_once: set[str] = set()
+hang_next_clear = False
 
 
 def emit(message: dict) -> None:
@@ -113,7 +115,12 @@ def hang(stdin: Stdin, directives: dict[str, str]) -> bool:
 
 def answer(stdin: Stdin, text: str) -> bool:
     """Play one turn; False when the process must exit afterwards."""
+    global hang_next_clear
     if text == "/clear":
+        if hang_next_clear:
+            while stdin.next_line():
+                pass  # frozen: reads, never answers
+            return False
         emit({"type": "conversation_reset", "trigger": "clear", "session_id": SESSION})
         init()
         result("", use=usage(0, 0), num_turns=0, extra={"local_command": "clear"})
@@ -123,6 +130,16 @@ def answer(stdin: Stdin, text: str) -> bool:
     directives = dict(
         (m.group(1), m.group(2) or "") for m in re.finditer(r"FAKE:([a-z-]+)(?:=(\S*))?", text)
     )
+    hang_next_clear = hang_next_clear or "hang-next-clear" in directives
+    if "stream-big" in directives:
+        size = int(directives["stream-big"])
+        emit({"type": "stream_event", "event": {"type": "message_start", "message": {
+            "role": "assistant", "content": [], "usage": usage(10, 1)}}})
+        for _ in range(size // 1000):
+            emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                  "delta": {"type": "text_delta", "text": "y" * 1000}}})
+        result("y" * (size // 1000 * 1000), use=usage(10, size // 4))
+        return True
     if "sleep" in directives:
         time.sleep(float(directives["sleep"]))
     if "hang" in directives or "hang-hard" in directives:

@@ -2,7 +2,8 @@
 
 The prompt picks the behaviour: ``hang`` (interruptible), ``hang-hard`` (the interrupt is never
 answered), ``crash``, ``empty``, ``empty-once``, ``error:MESSAGE``, ``tokens=N``, ``slow=S``;
-anything else is answered ``echo: <prompt>`` after ``TURN_S`` seconds.
+anything else is answered ``echo: <prompt>`` after ``TURN_S`` seconds. ``hang-clear`` in a prompt
+makes the session's next ``/clear`` never answer (a frozen CLI).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FakeSession:
         self.prompts: list[str] = []
         self.clears = 0
         self.interrupts = 0
+        self.hang_clear = False
         self._hard_hang = False
         self._seen: set[str] = set()
 
@@ -56,8 +58,9 @@ class FakeSession:
         prompt = content if isinstance(content, str) else str(content)
         self.prompts.append(prompt)
         self._hard_hang = "hang-hard" in prompt
+        self.hang_clear = self.hang_clear or "hang-clear" in prompt
         try:
-            if "hang" in prompt:
+            if "hang" in prompt.replace("hang-clear", ""):
                 await trio.sleep_forever()
             if match := re.search(r"slow=([\d.]+)", prompt):
                 await trio.sleep(float(match.group(1)))
@@ -86,6 +89,12 @@ class FakeSession:
 
     async def clear(self) -> None:
         assert self.alive
+        if self.hang_clear:
+            try:
+                await trio.sleep_forever()
+            except BaseException:
+                self.broken = "cancelled mid-clear"
+                raise
         self.clears += 1
         self.tokens = 0
 

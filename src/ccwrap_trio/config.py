@@ -224,6 +224,14 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds an interrupted turn may take to end before the CLI is killed",
     ),
     Setting(
+        "CCWRAP_CLEAR_TIMEOUT", "clear_timeout_s", _seconds(), "10",
+        "seconds the between-request /clear may take before the CLI is replaced",
+    ),
+    Setting(
+        "CCWRAP_SEND_TIMEOUT", "send_timeout_s", _seconds(), "30",
+        "seconds a streaming client may leave sent data unread before it is cut off",
+    ),
+    Setting(
         "CCWRAP_SHUTDOWN_GRACE", "shutdown_grace_s", _seconds(), "330",
         "seconds in-flight requests may take to finish on SIGTERM",
     ),
@@ -304,6 +312,8 @@ class Config:
     workdir: Path | None = None
     startup_timeout_s: float = 60.0
     interrupt_grace_s: float = 5.0
+    clear_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
     shutdown_grace_s: float = 330.0  # longer than the query timeout: in-flight requests finish
     forward_api_key: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of repr
@@ -353,6 +363,9 @@ class Config:
         if values["workdir"] is not None:
             values["workdir"] = values["workdir"].absolute()
         values["child_env"] = child_environment(environ, forward_api_key=values["forward_api_key"])
+        values["child_env"].update(
+            cli_retry_defaults(values["child_env"], values["query_timeout_s"])
+        )
         return cls(**values)
 
     def model_allowed(self, model: str) -> bool:
@@ -386,6 +399,21 @@ class Config:
             "--strict-mcp-config",
             *self.claude_args,
         ]
+
+
+# The CLI's own retries of a failing API (500/529/429, dropped connections): 10 by default, ~3
+# minutes of backoff (PROTOCOL.md). Two retries back off ~1.8 s; three attempts fit the query
+# timeout, so the client hears of a failing API well within its deadline.
+CLI_MAX_RETRIES = 2
+
+
+def cli_retry_defaults(env: Mapping[str, str], query_timeout_s: float) -> dict[str, str]:
+    """``CLAUDE_CODE_MAX_RETRIES``/``API_TIMEOUT_MS`` for the child, unless ``env`` sets them."""
+    defaults = {
+        "CLAUDE_CODE_MAX_RETRIES": str(CLI_MAX_RETRIES),
+        "API_TIMEOUT_MS": str(max(1000, int(query_timeout_s * 1000 / (CLI_MAX_RETRIES + 1)))),
+    }
+    return {name: value for name, value in defaults.items() if name not in env}
 
 
 def child_environment(environ: Mapping[str, str], *, forward_api_key: bool) -> dict[str, str]:

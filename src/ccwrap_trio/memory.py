@@ -98,7 +98,10 @@ class MemorySampler:
     def latest(self) -> MemorySample:
         if self.samples:
             return self.samples[-1]
-        return take_sample(self._cli_pids(), trio.current_time())
+        try:
+            return take_sample(self._cli_pids(), trio.current_time())
+        except OSError:
+            return MemorySample(trio.current_time(), 0.0, 0.0, 0.0)  # unknown (see _sample)
 
     @property
     def trend_mb_per_min(self) -> float:
@@ -118,5 +121,11 @@ class MemorySampler:
         pids = self._cli_pids()
         at = trio.current_time()
         # /proc reads are quick but blocking; keep them off the event loop.
-        sample = await trio.to_thread.run_sync(take_sample, pids, at)
+        try:
+            sample = await trio.to_thread.run_sync(take_sample, pids, at)
+        except OSError as exc:
+            # Out of file descriptors (EMFILE: psutil raises a bare OSError), or /proc gone:
+            # a missing sample, never a reason for the server to exit.
+            log.warning("[WARN] Memory sample skipped: %s", exc)
+            return
         self.samples.append(sample)

@@ -8,13 +8,17 @@ app's lifespan nursery. Either way tasks are started here and only here.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
 from quart_trio import QuartTrio
 
 from .app import create_app
@@ -102,8 +106,57 @@ class InFlight:
             await self._idle.wait()
 
 
+# Closing a connection's socket: a FIN to a peer that may not read; bounded all the same.
+CLOSE_GRACE_S = 5.0
+
+
+class ServerConfig(HypercornConfig):
+    """Hypercorn's config plus what ``BoundedTCPServer`` needs (Hypercorn has no write timeout)."""
+
+    send_timeout_s: float = math.inf
+
+
+class BoundedTCPServer(TCPServer):
+    """Hypercorn's connection with two fixes: sends have a deadline, and a close really closes.
+
+    - Hypercorn shields every ``send_all``: a client that stops reading holds the response's task
+      (and its data) forever, past any deadline of ours. Here a send that makes no progress for
+      ``send_timeout_s`` aborts the connection (the app sees a disconnect).
+    - A response with ``Connection: close`` is closed from the app's own task, which Quart-Trio
+      cancels as that very close delivers ``http.disconnect``: the close was cancelled at its
+      first checkpoint and the socket stayed open until the client went away. Shielded here.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)  # Closed: through the shielded _close below
+            return
+        timeout_s = getattr(self.config, "send_timeout_s", math.inf)
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True), trio.fail_after(timeout_s):
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+            except trio.TooSlowError:
+                log.warning("[WARN] Client read nothing for %gs; connection closed", timeout_s)
+                await self._close()
+                await self.protocol.handle(Closed())
+
+    async def _close(self) -> None:
+        with trio.move_on_after(CLOSE_GRACE_S, shield=True):
+            await super()._close()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()  # idempotent; ends a send_eof that timed out
+
+
+# Hypercorn's trio worker builds connections from this module global: the one place to hook.
+hypercorn.trio.run.TCPServer = BoundedTCPServer  # type: ignore[attr-defined]
+
+
 def hypercorn_config(config: Config) -> HypercornConfig:
-    hypercorn = HypercornConfig()
+    hypercorn = ServerConfig()
+    hypercorn.send_timeout_s = config.send_timeout_s
     hypercorn.bind = [_bind(config.host, config.port)]
     hypercorn.graceful_timeout = config.shutdown_grace_s
     hypercorn.accesslog = None

@@ -48,6 +48,11 @@ Directives, written anywhere in the last user text block of a request:
                              (400 invalid_request_error, 529 overloaded_error, else api_error...)
   [standin:hang]             read the request, never answer, wait for the client to go away
   [standin:drop]             close the connection right after the message_start event
+  [standin:drop-mid-once]    the first call with this text closes the connection after half
+                             of its text deltas; the client's retry gets the whole answer
+  [standin:malformed-once]   the first call with this text sends a malformed SSE event after
+                             half of its text deltas, then closes; the retry gets it all
+  [standin:retry-differs]    with a *-once fault: the retry answers a different text
   [standin:tool-use=NAME]    answer with a tool_use block calling tool NAME (input: a command
                              that would create the file "pwned"), as a hostile model would
   [standin:call=NAME[,NAME]] when the request offers the tool NAME (or mcp__<server>__NAME):
@@ -114,7 +119,8 @@ class RecordedCall:
 
     ``usage`` is the usage the stand-in reported (empty when it answered with an error), ``reply``
     the full text it sent (or would have sent, for ``hang``/``drop``), ``status`` the HTTP status
-    and ``fault`` the directive-chosen fault (``"status"``, ``"hang"``, ``"drop"``) or ``None``.
+    and ``fault`` the directive-chosen fault (``"status"``, ``"hang"``, ``"drop"``, ``"drop-mid"``,
+    ``"malformed"``) or ``None``.
     """
 
     path: str
@@ -151,6 +157,9 @@ class Directives:
     invalid_first: bool = False
     tool_use: str | None = None
     calls: tuple[str, ...] = ()
+    drop_mid_once: bool = False
+    malformed_once: bool = False
+    retry_differs: bool = False
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -178,7 +187,10 @@ def parse_directives(text: str) -> tuple[Directives, str]:
             elif name == "call":
                 found.calls = tuple(n.strip() for n in _require(name, value).split(",")
                                     if n.strip())
-            elif name in ("hang", "drop", "invalid-first"):
+            elif name in (
+                "hang", "drop", "invalid-first", "drop-mid-once", "malformed-once",
+                "retry-differs",
+            ):
                 setattr(found, name.replace("-", "_"), True)
             elif name == "reply":
                 raw = _require(name, value).strip()
@@ -608,6 +620,7 @@ class Standin:
         self.url: str = ""
         self._seq = 0
         self._changed = trio.Event()
+        self._faulted_once: set[str] = set()  # texts whose *-once fault has been played
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Standin] = trio.TASK_STATUS_IGNORED
@@ -770,6 +783,14 @@ class Standin:
             "cache_read_input_tokens": self.config.cache_read_input_tokens,
         }
         call.fault = "hang" if directives.hang else "drop" if directives.drop else None
+        if directives.drop_mid_once or directives.malformed_once:
+            key = last_user_text(body)  # directives included: each fault plays once
+            if key not in self._faulted_once:
+                self._faulted_once.add(key)
+                call.fault = "drop-mid" if directives.drop_mid_once else "malformed"
+            elif directives.retry_differs:
+                call.reply = "a different answer on the retry"
+                plan.deltas = split_deltas(call.reply)
         return plan
 
     async def _messages(
@@ -819,10 +840,20 @@ class Standin:
             (b"request-id", plan.request_id.encode()),
         ]
         await stream.send_all(conn.send(_response(200, headers)))
+        deltas_sent = 0
         for chunk in self._events(plan):
             await stream.send_all(conn.send(h11.Data(data=chunk)))
             if call.fault == "drop":
                 raise _ClientGone  # after message_start: the connection closes mid-stream
+            if chunk.startswith(b"event: content_block_delta"):
+                deltas_sent += 1
+                if call.fault in ("drop-mid", "malformed") and deltas_sent * 2 >= len(
+                    plan.deltas
+                ):
+                    if call.fault == "malformed":
+                        bad = b'event: content_block_delta\ndata: {"type": "content_blo\n\n'
+                        await stream.send_all(conn.send(h11.Data(data=bad)))
+                    raise _ClientGone  # half the text is out: the connection closes
             if chunk.startswith(b"event: content_block_delta") and plan.delay_s > 0:
                 await trio.sleep(plan.delay_s)
         await stream.send_all(conn.send(h11.EndOfMessage()))

@@ -89,12 +89,23 @@ class SessionLike(Protocol):
 
 
 SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
+# How long after a query's deadline the worker ends its turn if the client has not (it may be
+# blocked sending to a client that does not read).
+DEADLINE_BACKSTOP_S = 1.0
 RssProbe = Callable[[int], Awaitable[float]]
 
 
 async def _cli_rss_mb(pid: int) -> float:
     # psutil walks /proc: milliseconds on a busy host, so off the event loop.
     return await trio.to_thread.run_sync(process_tree_rss_mb, [pid])
+
+
+def _server_rss_mb() -> float:
+    # Out of file descriptors (EMFILE) /proc cannot be read: a log line loses a number, that is all.
+    try:
+        return server_rss_mb()
+    except OSError:
+        return math.nan
 
 
 @dataclass(eq=False)
@@ -202,7 +213,7 @@ class SessionWorker:
             self.status = "healthy"
             try:
                 if restart is not None:
-                    after = server_rss_mb()
+                    after = _server_rss_mb()
                     log.info(
                         "[RESTART] Memory after: %.1f MB (delta: %+.1f MB) pid=%d",
                         after, after - memory_before, session.pid,
@@ -211,9 +222,9 @@ class SessionWorker:
                     )
                 restart, pending = await self._serve(session, pending)
                 self.status = "restarting"
-                memory_before = server_rss_mb()
+                memory_before = _server_rss_mb()
                 self._count_restart(restart)
-                cli_mb = await self._rss_probe(session.pid)
+                cli_mb = await self._probe_rss(session.pid)
                 log.info(
                     "[RESTART] Memory before: %.1f MB (cli %.1f MB)", memory_before, cli_mb,
                     extra={"rss_mb": round(memory_before, 1), "cli_rss_mb": round(cli_mb, 1)},
@@ -281,21 +292,27 @@ class SessionWorker:
                 return restart, pending
             if needs_clear:
                 try:
-                    await session.clear()
+                    await self._clear(session)
                 except SessionCrashed as exc:
                     return Restart("crash", str(exc)), pending
+                except QueryTimeout as exc:
+                    return Restart("timeout", str(exc)), pending
                 needs_clear = False
             query: Query | None
             if pending is not None:
                 query, pending = pending, None
             else:
                 # Idle sessions are looked at again every sample interval (memory grows idle too).
-                with trio.move_on_after(self._config.memory_sample_interval_s) as idle:
-                    query = await self._next_query(session)
-                if idle.cancelled_caught:
+                # A query received as that deadline expires is kept in ``got``, never dropped.
+                got: list[Query] = []
+                with trio.move_on_after(self._config.memory_sample_interval_s):
+                    await self._next_query(session, got)
+                if got:
+                    query = got[0]
+                elif session.exited.is_set():
+                    return Restart("crash", f"exited while idle: {session.describe_exit()}"), None
+                else:
                     continue
-            if query is None:
-                return Restart("crash", f"exited while idle: {session.describe_exit()}"), None
             if not session.alive:
                 # It died before this query reached it: respawn and serve the query there.
                 return Restart("crash", session.describe_exit()), query
@@ -323,14 +340,17 @@ class SessionWorker:
         now = trio.current_time()
         if session.turns and now - self._rss_checked_at >= config.memory_sample_interval_s:
             self._rss_checked_at = now
-            rss_mb = await self._rss_probe(session.pid)
+            rss_mb = await self._probe_rss(session.pid)
             if rss_mb > config.cli_rss_limit_mb:
                 return Restart("memory", f"cli_rss_mb={rss_mb:.1f} > {config.cli_rss_limit_mb}")
         return None
 
-    async def _next_query(self, session: SessionLike) -> Query | None:
-        """The next query, or None if the session dies while we wait (it never answers again)."""
-        query: Query | None = None
+    async def _next_query(self, session: SessionLike, got: list[Query]) -> None:
+        """Wait for the next query and put it in ``got``; return early if the session dies.
+
+        The query lands in ``got`` with no checkpoint after ``receive``: a cancellation at any
+        later point (the idle tick, the nursery's exit) cannot take it away from the caller.
+        """
         async with trio.open_nursery() as nursery:
 
             async def cancel_on_exit() -> None:
@@ -339,10 +359,33 @@ class SessionWorker:
 
             nursery.start_soon(cancel_on_exit)
             try:
-                query = await self._receive.receive()
+                got.append(await self._receive.receive())
             finally:
                 nursery.cancel_scope.cancel()
-        return query
+
+    async def _clear(self, session: SessionLike) -> None:
+        """``/clear`` within ``clear_timeout_s``; a CLI that misses it is out of step (broken).
+
+        Raises QueryTimeout (the session is then not ``alive``) or SessionCrashed.
+        """
+        timeout_s = self._config.clear_timeout_s
+        try:
+            with trio.fail_after(timeout_s):
+                await session.clear()
+        except trio.TooSlowError as exc:
+            log.error("[ERROR] /clear not answered within %gs; the session will be replaced",
+                      timeout_s)
+            raise QueryTimeout(
+                f"the CLI did not answer /clear within {timeout_s:g}s (CCWRAP_CLEAR_TIMEOUT)"
+            ) from exc
+
+    async def _probe_rss(self, pid: int) -> float:
+        # Out of file descriptors, psutil raises a plain OSError (EMFILE): unknown, not fatal.
+        try:
+            return await self._rss_probe(pid)
+        except OSError as exc:
+            log.warning("[WARN] CLI memory not measured: %s", exc)
+            return 0.0
 
     async def _run(self, session: SessionLike, query: Query) -> bool:
         """Run one query and reply to it; False if it never reached the CLI.
@@ -354,6 +397,10 @@ class SessionWorker:
         self.active = query
         on_progress = self._progress(query)
         try:
+            # The client's side times the query out at its deadline, but only while it waits
+            # for events: one blocked sending to a client that does not read never looks.
+            # The worker keeps its own deadline, a little later, so no turn outlives the query.
+            query.scope.deadline = min(query.scope.deadline, query.deadline + DEADLINE_BACKSTOP_S)
             with query.scope:
                 if self._config.log_prompts:
                     log.info("[PROMPT] request_id=%s %.4000s", query.request_id, query.content)
@@ -368,6 +415,12 @@ class SessionWorker:
                 self._reply(query, result)
                 self._log_done(session, query)
             if query.scope.cancelled_caught:
+                if query.abandoned is None:
+                    query.abandoned = "timeout"
+                    self._reply(query, QueryTimeout(
+                        f"no answer within {self._config.query_timeout_s:g}s "
+                        "(CCWRAP_QUERY_TIMEOUT)"
+                    ))
                 await self._abort_turn(session, query)
         except CcwrapError as exc:
             if isinstance(exc, ContextLengthExceeded) and self._config.isolation == "none":
@@ -445,7 +498,11 @@ class SessionWorker:
         log.warning("[WARN] Empty response, retrying... request_id=%s", query.request_id)
         try:
             if self._config.isolation == "clear":
-                await session.clear()
+                try:
+                    await self._clear(session)
+                except QueryTimeout as exc:
+                    self._recycle = Restart("timeout", str(exc))
+                    raise SessionCrashed(str(exc)) from exc
             result = await session.ask(query.content, on_progress)
             self._check(result)
         except CcwrapError as exc:
@@ -734,11 +791,16 @@ class QueryHandle:
         return self._query.request_id
 
     async def next_event(
-        self, *, patience: float | None = None
+        self,
+        *,
+        patience: float | None = None,
+        check: Callable[[protocol.TurnResult], CcwrapError | None] | None = None,
     ) -> protocol.Progress | protocol.TurnResult | None:
         """The next event; None when ``patience`` seconds pass without one (keep-alive time).
 
-        Raises QueryTimeout at the query's deadline, or the worker's CcwrapError.
+        ``check`` vets the final result before it counts as a success (a stream whose text
+        cannot be reconciled with it is an error). Raises QueryTimeout at the query's deadline,
+        the worker's CcwrapError, or ``check``'s.
         """
         query = self._query
         wait_until = query.deadline
@@ -757,6 +819,9 @@ class QueryHandle:
             self._finish("error", type(item).__name__)
             raise item
         if isinstance(item, protocol.TurnResult):
+            if check is not None and (error := check(item)) is not None:
+                self._finish("error", type(error).__name__)
+                raise error
             usage = item.usage
             self._counters.prompt_tokens += usage.prompt_tokens
             self._counters.completion_tokens += usage.output_tokens
