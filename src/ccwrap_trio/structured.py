@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ MAX_ERRORS_QUOTED = 8
 MAX_SCHEMA_DEPTH = 64  # JSON nesting levels ({"properties": {"a": {...}}} is 2 per property)
 MAX_SCHEMA_NODES = 10_000  # objects and arrays in the schema as sent
 MAX_SCHEMA_EXPANSION = 10_000  # objects and arrays once every '$ref' is followed (cycles once)
-MAX_VALIDATION_STEPS = 100_000  # keyword evaluations per validation (a typical answer: < 5,000)
+MAX_VALIDATION_STEPS = 25_000  # keyword evaluations per validation (a typical answer: < 5,000)
 # Client- or model-supplied text quoted in a message is cut to this many characters.
 QUOTE_CHARS = 300
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n(.*?)\n?```", re.DOTALL)
@@ -232,6 +233,10 @@ def _counted(keyword: Any) -> Any:
             left[0] -= 1
             if left[0] < 0:
                 raise TooComplex
+            if left[0] % 32 == 0:
+                # Hand the GIL over now and then: run in a thread, validation would otherwise
+                # hold it for whole switch intervals and slow every await of the event loop.
+                time.sleep(0)
         return keyword(validator, value, instance, schema)
 
     return counted
