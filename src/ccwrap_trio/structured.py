@@ -32,6 +32,7 @@ MAX_SCHEMA_DEPTH = 64  # JSON nesting levels ({"properties": {"a": {...}}} is 2 
 MAX_SCHEMA_NODES = 10_000  # objects and arrays in the schema as sent
 MAX_SCHEMA_EXPANSION = 10_000  # objects and arrays once every '$ref' is followed (cycles once)
 MAX_VALIDATION_STEPS = 25_000  # keyword evaluations per validation (a typical answer: < 5,000)
+YIELD_S = 0.0002  # the pause every 64 steps: at most about 0.1 s over a whole budget
 # Client- or model-supplied text quoted in a message is cut to this many characters.
 QUOTE_CHARS = 300
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*[ \t]*\n(.*?)\n?```", re.DOTALL)
@@ -123,6 +124,7 @@ class StructuredOutput:
                     f"'{param}': '$ref' {ref[:QUOTE_CHARS]!r} does not resolve inside the schema.",
                     param=param,
                 ) from None
+        _check_expansion(schema, param)
         try:
             with _budget(MAX_VALIDATION_STEPS):
                 _validator(schema).is_valid(None)
@@ -233,10 +235,10 @@ def _counted(keyword: Any) -> Any:
             left[0] -= 1
             if left[0] < 0:
                 raise TooComplex
-            if left[0] % 32 == 0:
-                # Hand the GIL over now and then: run in a thread, validation would otherwise
-                # hold it for whole switch intervals and slow every await of the event loop.
-                time.sleep(0)
+            if left[0] % 64 == 0:
+                # Step aside now and then: in a thread, validation would otherwise keep the GIL
+                # for whole switch intervals and slow every await of the event loop.
+                time.sleep(YIELD_S)
         return keyword(validator, value, instance, schema)
 
     return counted
@@ -306,7 +308,7 @@ _RE2_KEYWORDS: dict[str, Any] = {
 
 
 def _check_cost(schema: dict[str, Any], param: str) -> None:
-    """400 unless the schema is within the limits; iterative, so depth alone cannot hurt."""
+    """400 unless the schema's size is within the limits; iterative, so depth cannot hurt."""
     nodes = 0
     has_pattern_properties = has_unevaluated = False
     stack: list[tuple[Any, int]] = [(schema, 1)]
@@ -332,6 +334,10 @@ def _check_cost(schema: dict[str, Any], param: str) -> None:
             "supported.",
             param=param, code="unsupported",
         )
+
+
+def _check_expansion(schema: dict[str, Any], param: str) -> None:
+    """400 when following the '$ref's multiplies the schema (after it is known to be valid)."""
     try:
         expansion = _expansion(schema)
     except RecursionError:  # a chain of thousands of '$ref's
