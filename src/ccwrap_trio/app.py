@@ -5,6 +5,7 @@ policy in ``supervisor``. Every error leaves here in OpenAI's shape (``openai_ap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import logging
 import re
@@ -56,7 +57,12 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     @app.before_request
     async def identify_and_authenticate() -> Any:
         given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+        # An id that carries a key would publish it (/status/history is open, logs keep it).
+        usable = _REQUEST_ID.match(given) and not any(
+            key in given.encode() or (len(given) >= 8 and given.encode() in key)
+            for key in api_keys
+        )
+        g.request_id = given if usable else f"req_{uuid.uuid4().hex}"
         if api_keys and request.path not in OPEN_PATHS:
             return _authenticate(api_keys)
         return None
@@ -75,8 +81,10 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions() -> Any:
-        chat = openai_api.parse_chat_request(
-            await request.get_data(cache=False, as_text=False), default_model=config.model
+        raw = await request.get_data(cache=False, as_text=False)
+        # Off the event loop: a 10 MB body of small objects takes seconds to validate.
+        chat = await trio.to_thread.run_sync(
+            functools.partial(openai_api.parse_chat_request, raw, default_model=config.model)
         )
         if not config.model_allowed(chat.model):
             raise openai_api.model_not_found(chat.model)
@@ -155,7 +163,7 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     async def ccwrap_error(error: CcwrapError) -> Any:
         body, status, headers = openai_api.error_response(error)
         if status >= 500:
-            log.warning("request failed with %d: %s request_id=%s", status, error,
+            log.warning("request failed with %d: %s request_id=%s", status, error.log_text(),
                         g.get("request_id", ""))
         return body, status, headers
 
@@ -189,9 +197,15 @@ def _has_body() -> bool:
 
 def _authenticate(api_keys: list[bytes]) -> Any:
     """None when the request carries a configured key, else the 401 to answer."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    # "Bearer", any whitespace, the key (RFC 9110 allows tabs and runs of spaces).
+    scheme, token = [*request.headers.get("Authorization", "").split(None, 1), "", ""][:2]
     given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not given and scheme.lower() == "basic":
+        return openai_api.error_body(
+            "Basic authentication is not supported. Send the API key as "
+            "'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            type="invalid_request_error", code="invalid_api_key",
+        ), 401
     if given:
         # Compare with every key, always: the time taken says nothing about which one is close.
         matched = False

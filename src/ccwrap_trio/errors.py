@@ -6,6 +6,10 @@ from __future__ import annotations
 class CcwrapError(Exception):
     """Base of every error ccwrap-trio raises on purpose."""
 
+    def log_text(self) -> str:
+        """The message for the logs: never client or model content (``str`` may quote some)."""
+        return str(self)
+
 
 class ConfigError(CcwrapError):
     """A setting has a value it does not accept."""
@@ -18,6 +22,14 @@ class InvalidRequest(CcwrapError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields survive pickling (a parse run in a worker process or thread pool).
+        return _invalid_request, (str(self), self.param, self.code)
+
+
+def _invalid_request(message: str, param: str | None, code: str | None) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
 
 
 class QueueFull(CcwrapError):
@@ -62,6 +74,14 @@ class EmptyResponse(CcwrapError):
 
 class InvalidStructuredOutput(CcwrapError):
     """The answer did not validate against the requested schema, even after repair turns."""
+
+    def __init__(self, message: str, *, log_text: str) -> None:
+        super().__init__(message)
+        self._log_text = log_text
+
+    def log_text(self) -> str:
+        # The message quotes the model's values for the client; the logs get paths and keywords.
+        return self._log_text
 
 
 class InternalError(CcwrapError):

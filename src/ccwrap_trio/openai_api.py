@@ -34,7 +34,7 @@ from .errors import (
     SessionUnavailable,
 )
 from .protocol import Usage
-from .structured import StructuredOutput
+from .structured import QUOTE_CHARS, StructuredOutput
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # The CLI's model aliases (PROTOCOL.md); listed by /v1/models beside the configured model.
@@ -58,6 +58,8 @@ UNSUPPORTED = {
 NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 Content = str | list[dict[str, Any]]
+# Echoed in every chunk of a stream: bounded so a request cannot amplify itself.
+MAX_MODEL_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     model = data.get("model") if data.get("model") is not None else default_model
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        # Every response and every SSE chunk echoes it: a long name multiplies the output.
+        raise InvalidRequest(
+            f"'model' is longer than {MAX_MODEL_CHARS} characters.", param="model"
+        )
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
@@ -215,7 +222,7 @@ def _message(index: int, message: Any, call_ids: set[str]) -> tuple[str, list[Pa
     role = message.get("role")
     if role not in ROLES:
         raise InvalidRequest(
-            f"'{param}.role' must be one of {', '.join(ROLES)}; got {role!r}.",
+            f"'{param}.role' must be one of {', '.join(ROLES)}; got {_quote(role)}.",
             param=f"{param}.role",
         )
     if role in ("tool", "function"):
@@ -264,12 +271,18 @@ def _content(param: str, content: Any, role: str) -> list[Part]:
             parts.append(_image(part_param, part.get("image_url")))
         else:
             raise InvalidRequest(
-                f"'{part_param}.type' {kind!r} is not supported here; 'text' parts are, and "
+                f"'{part_param}.type' {_quote(kind)} is not supported here; 'text' parts are, and "
                 "'image_url' parts with data: URLs in user messages.",
                 param=f"{part_param}.type",
                 code="unsupported",
             )
     return parts
+
+
+def _quote(value: Any) -> str:
+    """A client value quoted in an error message, cut short: messages never amplify input."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
 def _image(param: str, image_url: Any) -> dict[str, Any]:
