@@ -17,8 +17,9 @@ from typing import Any
 import trio
 
 from ccwrap_trio import protocol
+from ccwrap_trio.core import Content
 from ccwrap_trio.errors import SessionCrashed, SpawnFailed
-from ccwrap_trio.supervisor import Content, OnProgress
+from ccwrap_trio.session import OnProgress
 
 TURN_S = 0.05
 _pids = itertools.count(1000)

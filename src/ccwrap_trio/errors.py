@@ -72,23 +72,27 @@ class EmptyResponse(CcwrapError):
     """The CLI answered with no text, even after one retry."""
 
 
-class InvalidStructuredOutput(CcwrapError):
-    """The answer did not validate against the requested schema, even after repair turns."""
+class QuotesModelOutput(CcwrapError):
+    """An error whose message quotes the model's answer for the client; the logs get
+    ``log_text``, paths and keywords only."""
 
     def __init__(self, message: str, *, log_text: str) -> None:
         super().__init__(message)
         self._log_text = log_text
 
     def log_text(self) -> str:
-        # The message quotes the model's values for the client; the logs get paths and keywords.
         return self._log_text
+
+
+class InvalidStructuredOutput(QuotesModelOutput):
+    """The answer did not validate against the requested schema, even after repair turns."""
 
 
 class InternalError(CcwrapError):
     """A bug: something failed that should not have. Logged with its traceback."""
 
 
-class InvalidToolCall(CcwrapError):
+class InvalidToolCall(QuotesModelOutput):
     """The model's tool calls did not fit the request's tools or tool_choice, even after repairs."""
 
 

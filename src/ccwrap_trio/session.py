@@ -13,15 +13,15 @@ import signal
 import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from . import protocol, toolbridge
-from .core import Tool, ToolCall, ToolCallDelta, ToolCallStart
+from .core import Content, Tool, ToolCall, ToolCallDelta, ToolCallStart
 from .errors import SessionCrashed, SpawnFailed
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,44 @@ EXIT_GRACE_S = 2.0
 OnProgress = Callable[[protocol.Progress], Awaitable[None]]
 
 _interrupt_ids = itertools.count(1)
+
+
+class SessionLike(Protocol):
+    """What a worker needs of a session; ``session.Session`` and the tests' fakes provide it."""
+
+    turns: int
+    tokens: int
+    model: str
+    cli_version: str
+    started_at: float
+    exited: trio.Event
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def broken(self) -> str | None: ...
+
+    def describe_exit(self) -> str: ...
+
+    async def ask(
+        self, content: Content, on_progress: OnProgress | None = None
+    ) -> protocol.TurnResult: ...
+
+    async def clear(self) -> None: ...
+
+    async def interrupt(self) -> bool: ...
+
+    async def use_tools(self, tools: tuple[Any, ...]) -> None: ...
+
+    async def use_model(self, model: str) -> None: ...
+
+
+# How a worker gets a session: entering spawns and warms one, leaving ends and reaps it.
+SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
 
 
 class LineReader:

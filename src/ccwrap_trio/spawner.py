@@ -16,7 +16,7 @@ import trio
 from .errors import SpawnFailed
 
 if TYPE_CHECKING:
-    from .supervisor import SessionFactory, SessionLike
+    from .session import SessionFactory, SessionLike
 
 log = logging.getLogger(__name__)
 
