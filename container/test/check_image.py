@@ -78,12 +78,15 @@ INSIDE = textwrap.dedent(f"""
 """)
 
 results: list[tuple[str, bool]] = []
+selected: list[str] = []  # -k: run only the checks whose name contains one of these
 
 
 def check(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     """Run the decorated function at once as the check ``name``; record PASS or FAIL."""
 
     def run(function: Callable[[], None]) -> Callable[[], None]:
+        if selected and not any(word.lower() in name.lower() for word in selected):
+            return function
         started = time.monotonic()
         try:
             function()
@@ -205,7 +208,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image", required=True)
     parser.add_argument("--state", required=True, type=Path, help=".tools/container")
+    parser.add_argument("-k", action="append", default=[], metavar="WORD",
+                        help="run only the checks whose name contains WORD (repeatable)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra server environment in the stand-in containers")
     args = parser.parse_args()
+    selected.extend(args.k)
+    STANDIN_ENV.extend(arg for env in args.env for arg in ("-e", env))
     image: str = args.image
     state: Path = args.state
     uid = os.getpid()

@@ -10,6 +10,7 @@
 # CA certificates of /usr/local/share/ca-certificates (a TLS-intercepting proxy here): images
 # built from them are for tests only, never to publish.
 # Notes on this environment: /work/shared/containers/BUILDING-HERE.md (runc not crun, rlimits).
+# Arguments go to check_image.py: `container/test/run.sh -k sigterm --env CCWRAP_SHUTDOWN_GRACE=1`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -33,7 +34,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# --- podman configuration: nothing written outside .tools/container ----------------------------
+# --- podman configuration: nothing written outside .tools/container (storage, networks) --------
 # crun fails on this cgroup v1 "hybrid" VM; runc with podman's default rlimits fails (no
 # CAP_SYS_RESOURCE): nofile up to the hard limit, nproc up to pid_max.
 mkdir -p "$STATE"
@@ -46,6 +47,8 @@ default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+[network]
+network_config_dir = "$STATE/networks"
 CONF
 cat >"$STATE/storage.conf" <<CONF
 [storage]
@@ -84,7 +87,7 @@ import_base() {  # tarball name env...: one --change per ENV (podman import keep
     local changes=(--change 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin'
                    --change 'ENV LANG=C.UTF-8')
     for env in "$@"; do changes+=(--change "ENV $env"); done
-    podman import "${changes[@]}" "$tarball" "docker.io/library/$name" >/dev/null
+    podman import --quiet "${changes[@]}" "$tarball" "docker.io/library/$name" >/dev/null
     rm -f "$tarball"
 }
 make_python_base() {
@@ -137,5 +140,5 @@ cleanup() {
     podman network ls --format '{{.Name}}' | grep '^ccwrap-ct' | xargs -r podman network rm -f >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-"$STATE/venv/bin/python" container/test/check_image.py --image "$IMAGE" --state "$STATE"
+"$STATE/venv/bin/python" container/test/check_image.py --image "$IMAGE" --state "$STATE" "$@"
 log "done"
