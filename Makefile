@@ -63,6 +63,15 @@ test-under-load: install lint
 		[ $$passed -ge 3 ] && exit 0; \
 	done; exit 1
 
+# The container image built with podman and run: the CLI version, a completion with
+# --network=none, the HEALTHCHECK, the manifests' security settings, SIGTERM while busy,
+# `podman kube play`, the manifests against the Kubernetes schemas, compose
+# (container/test/run.sh; docs/operations.md, "How the image is tested"). Needs root (apt-get,
+# podman); caches in .tools/container.
+.PHONY: container-test
+container-test:
+	container/test/run.sh
+
 # Benchmarks side by side (docs/benchmarks.md); ~10 minutes, --quick for ~2.
 bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
