@@ -176,8 +176,9 @@ def _messages(value: Any) -> list[tuple[str, list[Part]]]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"{here}: Input should be an object", param=here)
         role = message.get("role")
-        if role not in ("user", "assistant"):
-            raise InvalidRequest(f"{here}.role: Input should be 'user' or 'assistant'",
+        # "system" messages mid-conversation: the Claude Code CLI sends them (per-turn control).
+        if role not in ("user", "assistant", "system"):
+            raise InvalidRequest(f"{here}.role: Input should be 'user', 'assistant' or 'system'",
                                  param=f"{here}.role")
         content = message.get("content")
         if isinstance(content, str):
@@ -213,7 +214,7 @@ def _block(where: str, block: Any, role: str, call_ids: set[str]) -> list[Part]:
         if not isinstance(block.get("text"), str):
             raise InvalidRequest(f"{where}.text: Input should be a string", param=f"{where}.text")
         return [block["text"]]
-    if kind == "image" and role == "user":
+    if kind == "image" and role != "assistant":
         return [_image(where, block.get("source"))]
     if kind == "tool_use" and role == "assistant":
         call_id, name = block.get("id"), block.get("name")

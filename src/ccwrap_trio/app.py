@@ -32,7 +32,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Open without an API key: operators, orchestrators and scrapers poll them. They show counters,
 # memory and request ids, never prompts or answers.
 OPEN_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
+    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history",
+     "/api/hello"}
 )
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 # A body left unread can hang a keep-alive connection: routes that read theirs, and the statuses
@@ -116,6 +117,11 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             core.content, request_id=g.request_id, structured=core.structured, request=core
         )
         return anthropic_messages.message_response(parsed, result)
+
+    @app.route("/api/hello", methods=["GET", "HEAD"])
+    async def hello() -> Any:
+        # The Claude Code CLI's connectivity probe of its ANTHROPIC_BASE_URL.
+        return {"message": "hello"}
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens() -> Any:
