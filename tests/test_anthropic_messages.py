@@ -233,12 +233,14 @@ async def test_errors_are_anthropic_shaped_and_nothing_reaches_the_cli(
             big = await http.post("/v1/messages", headers=key, content=b"x" * 20_000)
             method = await http.get("/v1/messages", headers=key)
             hello = await http.head("/api/hello")
+            batches = await http.post("/v1/messages/batches", headers=key, json={})
     for response, status, kind in ((missing, 401, "authentication_error"),
                                    (wrong, 401, "authentication_error"),
                                    (bad, 400, "invalid_request_error"),
                                    (model, 404, "not_found_error"),
                                    (big, 413, "request_too_large"),
-                                   (method, 405, "invalid_request_error")):
+                                   (method, 405, "invalid_request_error"),
+                                   (batches, 404, "not_found_error")):
         assert response.status_code == status, response.text
         body = response.json()
         assert body["type"] == "error" and body["error"]["type"] == kind, body

@@ -593,5 +593,5 @@ def error_response(error: CcwrapError) -> tuple[dict[str, Any], int]:
 
 
 def owns(path: str) -> bool:
-    """Whether ``path`` is answered in this dialect (errors included)."""
-    return path in PATHS
+    """Whether ``path`` is answered in this dialect (errors included, unknown sub-paths too)."""
+    return path in PATHS or path.startswith("/v1/messages/")
