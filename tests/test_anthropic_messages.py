@@ -251,3 +251,22 @@ async def test_errors_are_anthropic_shaped_and_nothing_reaches_the_cli(
     lines = log.read_text().splitlines() if log.exists() else []
     # Nothing was sent to the CLI but its own resets.
     assert not [line for line in lines if '"type":"user"' in line and "/clear" not in line]
+
+
+async def test_pings_while_silent_and_an_error_event_after_the_first(make_config: Any) -> None:
+    async with running_server(make_config(stream_keepalive_s=0.05)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            slow = await http.post("/v1/messages", json={
+                "max_tokens": 64, "stream": True, "messages": user("FAKE:sleep=0.5 slow one")})
+            crashed = await http.post("/v1/messages", json={
+                "max_tokens": 64, "stream": True, "messages": user("FAKE:crash now")})
+    events = sse_events(slow.text)
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and "ping" in names and names[-1] == "message_stop"
+    # The input usage, unknown when message_start went out, is in message_delta.
+    assert events[-2][1]["usage"]["input_tokens"] > 0
+    events = sse_events(crashed.text)
+    assert [name for name, _ in events] == [
+        "message_start", "content_block_start", "content_block_delta", "error"]
+    assert events[-1][1]["type"] == "error"
+    assert events[-1][1]["error"]["type"] == "api_error"

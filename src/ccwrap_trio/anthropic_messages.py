@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -492,6 +493,9 @@ async def message_stream(
             if isinstance(event, protocol.MessageStart):
                 model = event.model or model
                 prompt_usage = event.usage
+            elif isinstance(event, protocol.TurnResult):  # structured: nothing streamed before
+                model = event.model or model
+                prompt_usage = dataclasses.replace(event.usage, output_tokens=0)
             started = True
             yield start(prompt_usage)
             while not isinstance(event, protocol.TurnResult):
@@ -539,7 +543,7 @@ async def message_stream(
                 sent += text
                 for frame in text_frames(text):
                     yield frame
-            output_tokens = result.usage.output_tokens
+            usage = result.usage
             if result.tool_calls:
                 stop_reason = "tool_use"
             elif limiter.finish_reason is not None:
@@ -547,14 +551,16 @@ async def message_stream(
         else:
             # Cut by a stop sequence or max_tokens: end the turn now; estimate what was sent.
             handle.finish_early()
-            output_tokens = estimate_tokens(sent)
+            usage = dataclasses.replace(prompt_usage, output_tokens=estimate_tokens(sent))
             stop_reason, stop_sequence = stop_of(limiter)
         if index >= 0:
             yield close_block()
         yield sse("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-            "usage": {"output_tokens": output_tokens}})
+            # The whole usage, as the API sends it now: message_start may have gone out before
+            # the turn's input usage was known (a ping first).
+            "usage": usage_object(usage)})
         yield sse("message_stop", {"type": "message_stop"})
 
 
