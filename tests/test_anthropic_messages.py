@@ -127,6 +127,12 @@ def test_count_tokens_takes_no_max_tokens_and_counts_text_tools_and_images() -> 
         json.dumps({"messages": user("x" * 400), "tools": [WEATHER]}), default_model="haiku",
         counting=True)
     assert anthropic_messages.count_tokens(with_tools) > 100
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBORw0KGgo="}}
+    with_image = anthropic_messages.parse_request(json.dumps({"messages": [
+        {"role": "user", "content": [image, {"type": "text", "text": "x" * 400}]}]}),
+        default_model="haiku", counting=True)
+    assert anthropic_messages.count_tokens(with_image) == 100 + anthropic_messages.IMAGE_TOKENS
     with pytest.raises(InvalidRequest):  # a Messages-only field
         anthropic_messages.parse_request(
             json.dumps({"messages": user("x"), "stream": True}), default_model="haiku",
