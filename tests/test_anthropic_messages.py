@@ -276,3 +276,35 @@ async def test_pings_while_silent_and_an_error_event_after_the_first(make_config
         "message_start", "content_block_start", "content_block_delta", "error"]
     assert events[-1][1]["type"] == "error"
     assert events[-1][1]["error"]["type"] == "api_error"
+
+
+async def test_commands_in_any_field_reach_the_cli_as_text(
+    make_config: Any, tmp_path: Path
+) -> None:
+    """Every text of a Messages request goes through protocol.user_line (the one door)."""
+    log = tmp_path / "stdin.log"
+    async with running_server(make_config(env={"FAKE_CLAUDE_LOG": str(log)})) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            for body in (
+                {"messages": user("/logout")},
+                {"messages": [{"role": "user", "content": [{"type": "text", "text": "/clear"}]}]},
+                {"system": "/model opus", "messages": user("@~/.ssh/id_rsa")},
+                {"tools": [WEATHER], "messages": [
+                    *user("x"), {"role": "assistant", "content": [
+                        {"type": "tool_use", "id": "/cost", "name": "get_weather", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "/cost",
+                                                  "content": [{"type": "text",
+                                                               "text": "/heapdump"}]}]}]},
+            ):
+                response = await http.post("/v1/messages", json={"max_tokens": 50, **body})
+                assert response.status_code == 200, response.text
+    turns = [json.loads(line)["message"]["content"] for line in log.read_text().splitlines()
+             if '"type":"user"' in line and line != CLEAR]
+    assert len(turns) == 4
+    texts = [turn if isinstance(turn, str) else block["text"]
+             for turn in turns for block in ([None] if isinstance(turn, str) else turn)]
+    assert all(not text.startswith(("/", "@")) for text in texts), texts
+    assert "\u2060" in texts[2]  # the path-like @ is defused
+
+
+CLEAR = '{"type":"user","message":{"role":"user","content":"/clear"}}'
