@@ -20,7 +20,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, metrics, openai_api
+from . import __version__, anthropic_messages, metrics, openai_api
 from .config import Config
 from .errors import CcwrapError
 from .memory import MemorySampler
@@ -33,12 +33,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Open without an API key: operators, orchestrators and scrapers poll them. They show counters,
 # memory and request ids, never prompts or answers.
 OPEN_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
+    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history",
+     "/api/hello"}
 )
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 # A body left unread can hang a keep-alive connection: routes that read theirs, and the statuses
 # answered before the body is read (auth, routing, size).
-BODY_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})
+BODY_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"}) | anthropic_messages.PATHS
 UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
@@ -70,6 +71,8 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     @app.after_request
     async def echo_request_id_and_count(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        if anthropic_messages.owns(request.path):
+            response.headers["request-id"] = g.get("request_id", "")
         rule = request.url_rule
         http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
         body_read = rule is not None and rule.rule in BODY_ROUTES
@@ -101,6 +104,41 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             finish_reason=finish_reason, tool_calls=result.tool_calls,
             legacy_functions=chat.tools.legacy,
         )
+
+    # The Anthropic Messages API (anthropic_messages); ?beta=true and the anthropic-version and
+    # anthropic-beta headers are accepted and change nothing.
+    @app.post("/v1/messages")
+    async def messages() -> Any:
+        body = await request.get_data(cache=False, as_text=False)
+        parsed = anthropic_messages.parse_request(body, default_model=config.model)
+        core = parsed.core
+        if not config.model_allowed(core.model):
+            raise openai_api.model_not_found(core.model)
+        if core.stream:
+            handle = supervisor.submit(core.content, request_id=g.request_id, stream=True,
+                                       structured=core.structured, request=core)
+            frames = anthropic_messages.message_stream(
+                parsed, handle, keepalive_s=config.stream_keepalive_s
+            )
+            return await _event_stream(frames)
+        result = await supervisor.query(
+            core.content, request_id=g.request_id, structured=core.structured, request=core
+        )
+        return anthropic_messages.message_response(parsed, result)
+
+    @app.route("/api/hello", methods=["GET", "HEAD"])
+    async def hello() -> Any:
+        # The Claude Code CLI's connectivity probe of its ANTHROPIC_BASE_URL.
+        return {"message": "hello"}
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Any:
+        body = await request.get_data(cache=False, as_text=False)
+        parsed = anthropic_messages.parse_request(body, default_model=config.model, counting=True)
+        if not config.model_allowed(parsed.core.model):
+            raise openai_api.model_not_found(parsed.core.model)
+        tokens = anthropic_messages.count_tokens(parsed)
+        return {"input_tokens": tokens}, 200, {anthropic_messages.ESTIMATE_HEADER: "estimate"}
 
     @app.get("/v1/models")
     @app.get("/models")
@@ -162,6 +200,8 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     @app.errorhandler(CcwrapError)
     async def ccwrap_error(error: CcwrapError) -> Any:
         body, status, headers = openai_api.error_response(error)
+        if anthropic_messages.owns(request.path):
+            body, status = anthropic_messages.error_response(error)
         if status >= 500:
             log.warning("request failed with %d: %s request_id=%s", status, error.log_text(),
                         g.get("request_id", ""))
@@ -178,11 +218,18 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
         }.get(status, error.description or error.name)
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        if anthropic_messages.owns(request.path):
+            kind = anthropic_messages.HTTP_ERRORS.get(status, "invalid_request_error")
+            return anthropic_messages.error_body(message, type=kind), status
         return openai_api.error_body(message, type=kind, code=code), status
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Any:
         log.exception("[ERROR] Unhandled error request_id=%s", g.get("request_id", ""))
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body(
+                "The server had an error while processing your request.", type="api_error"
+            ), 500
         return openai_api.error_body(
             "The server had an error while processing your request.", type="server_error"
         ), 500
@@ -214,11 +261,16 @@ def _authenticate(api_keys: list[bytes]) -> Any:
         if matched:
             return None
         message = "Incorrect API key provided."
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body("invalid x-api-key",
+                                                 type="authentication_error"), 401
     else:
         message = (
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
             "or 'x-api-key: <key>'."
         )
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body(message, type="authentication_error"), 401
     return openai_api.error_body(message, type="invalid_request_error", code="invalid_api_key"), 401
 
 
@@ -231,6 +283,15 @@ async def _streaming_response(
     response = Response(_prepend(first, frames), content_type="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass frames through as they come
+    return response
+
+
+async def _event_stream(frames: AsyncIterator[bytes]) -> Response:
+    # Started here: a failure before the first event is still a plain HTTP error.
+    first = await frames.__anext__()
+    response = Response(_prepend(first, frames), content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
     return response
 
 

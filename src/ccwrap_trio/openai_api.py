@@ -368,6 +368,7 @@ class AnswerLimiter:
     stop: tuple[str, ...] = ()
     max_chars: int | None = None
     finish_reason: str | None = None  # set when the answer was cut: "stop" or "length"
+    stop_sequence: str | None = None  # the stop sequence that cut it
     _held: str = ""
     _sent: int = field(default=0)
 
@@ -379,6 +380,7 @@ class AnswerLimiter:
         cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self._held = ""
+            self.stop_sequence = next(s for s in self.stop if pending.find(s) == cut)
             return self._budget(pending[:cut], reason="stop")
         hold = max((_overlap(pending, s) for s in self.stop), default=0)
         self._held = pending[len(pending) - hold :] if hold else ""
