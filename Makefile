@@ -58,7 +58,7 @@ bench: install
 	$(BIN)/python bench/run.py --chart docs/benchmarks.png
 
 # The peers side by side (bench/peers.py, docs/benchmarks.md "Side by side with the peers"):
-# ccproxy in its own virtualenv, never in the project's; ~6 minutes, --quick for ~1.
+# ccproxy in its own virtualenv, never in the project's; ~6 minutes, --quick for ~1 (bench/peers.py --quick).
 PEERS_VENV := bench/.peers-venv
 PEERS_PY ?= $(PYTHON)
 

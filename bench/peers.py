@@ -89,7 +89,7 @@ class Sizes:
     time_budget_s: float  # per phase
 
 
-FULL = Sizes(sequential=40, throughput=48, rounds=2, time_budget_s=300.0)
+FULL = Sizes(sequential=60, throughput=48, rounds=2, time_budget_s=300.0)
 QUICK = Sizes(sequential=4, throughput=16, rounds=1, time_budget_s=90.0)
 
 
