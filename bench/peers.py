@@ -49,7 +49,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import psutil
@@ -114,6 +114,7 @@ class Side:
         self.path = path
         self.session_ids = session_ids  # ccproxy's pool: /claude/sdk/{id}/v1/chat/completions
         self.answers: list[Answer] = []
+        self.errors: list[str] = []  # requests that got no right answer (reported, not fatal)
         self.lock = threading.Lock()
 
     def url(self, client_index: int) -> str:
@@ -133,15 +134,29 @@ class Side:
         response = client.post(self.url(client_index), json=body)
         elapsed = time.perf_counter() - start
         if response.status_code != 200:
-            raise RequestFailed(f"{self.name}: HTTP {response.status_code}: {response.text[:300]}")
+            self.fail(f"HTTP {response.status_code}: {response.text[:300]}")
         content = str(response.json()["choices"][0]["message"]["content"])
         saw = SAW_RE.search(content)
         if not content.startswith("echo:") or nonce not in content or saw is None:
-            raise RequestFailed(f"{self.name}: unexpected answer {content[:300]!r}")
+            self.fail(f"unexpected answer {content[:300]!r}")
+            raise AssertionError("unreachable")
         answer = Answer(elapsed, int(saw.group(1)))
         with self.lock:
             self.answers.append(answer)
         return answer
+
+    def fail(self, message: str) -> NoReturn:
+        with self.lock:
+            self.errors.append(message)
+        raise RequestFailed(f"{self.name}: {message}")
+
+    def try_ask(self, i: int, **kwargs: Any) -> Answer | None:
+        """ask(), but a wrong answer is counted in self.errors and the run goes on."""
+        try:
+            return self.ask(i, **kwargs)
+        except RequestFailed as exc:
+            print(f"   {exc}"[:300], flush=True)
+            return None
 
     def quiet(self) -> None:
         wait_quiet(self.server)
@@ -314,7 +329,9 @@ def sequential(sides: list[Side], count: int, budget: Budget) -> dict[str, list[
             break
         for side in sides if i % 2 == 0 else sides[::-1]:
             side.quiet()
-            lat[side.name].append(side.ask(i).latency_s)
+            answer = side.try_ask(i)
+            if answer is not None:
+                lat[side.name].append(answer.latency_s)
             time.sleep(0.2)
     return lat
 
@@ -334,11 +351,13 @@ def concurrent(side: Side, count: int, offset: int) -> tuple[float, list[float]]
                 if i is None:
                     return
                 try:
-                    answer = side.ask(i, client=client, client_index=k,
-                                      latency_directive=" [standin:latency=0.2]")
+                    answer = side.try_ask(i, client=client, client_index=k,
+                                          latency_directive=" [standin:latency=0.2]")
                 except BaseException as exc:  # reported by the main thread
                     errors.append(exc)
                     return
+                if answer is None:  # counted in side.errors, not in the throughput
+                    continue
                 with lock:
                     latencies.append(answer.latency_s)
 
@@ -372,7 +391,7 @@ def run(bench: PeerBench, raw: dict[str, Any]) -> list[Row]:
     for side in seq_sides:  # warm up: connections, imports, the pool's first CLI
         for i in range(2):
             side.quiet()
-            side.ask(-1 - i)
+            side.try_ask(-1 - i)
 
     # Sequential, stand-in at 0 ms, one warm CLI in each pool.
     budget = Budget(sizes.time_budget_s)
@@ -393,7 +412,7 @@ def run(bench: PeerBench, raw: dict[str, Any]) -> list[Row]:
     ccwrap1 = bench.ccwrap("ccwrap-trio-N1", standin)
     pool.session_ids = pool_ids
     for k in range(POOL_CLIS):  # one warm CLI per session id before measuring
-        pool.ask(-100 - k, client_index=k)
+        pool.try_ask(-100 - k, client_index=k)
     tp_sides = [ccwrap1, ccwrap4, spawn, nopool, pool]
     rates: dict[str, list[float]] = {s.name: [] for s in tp_sides}
     tp_lat: dict[str, list[float]] = {s.name: [] for s in tp_sides}
@@ -420,6 +439,7 @@ def run(bench: PeerBench, raw: dict[str, Any]) -> list[Row]:
     leaks = {s.name: leak_summary(s) for s in (ccwrap, ccwrap1, ccwrap4, spawn, nopool, pool)}
     raw["isolation"] = leaks
     raw["ccwrap_restarts"] = restarts
+    raw["errors"] = {s.name: s.errors for s in (ccwrap, ccwrap1, ccwrap4, spawn, nopool, pool)}
     return table(seq, idle, rates, tp_lat, sampler, leaks, restarts,
                  names={"ccwrap": ccwrap.name, "ccwrap1": ccwrap1.name, "ccwrap4": ccwrap4.name,
                         "spawn": spawn.name, "nopool": nopool.name, "pool": pool.name})
@@ -428,7 +448,8 @@ def run(bench: PeerBench, raw: dict[str, Any]) -> list[Row]:
 def leak_summary(side: Side) -> dict[str, int]:
     saw = [a.saw_others for a in side.answers]
     leaking = sum(n > 0 for n in saw)
-    return {"answers": len(saw), "leaking": leaking, "max_seen": max(saw, default=0)}
+    return {"answers": len(saw), "leaking": leaking, "max_seen": max(saw, default=0),
+            "errors": len(side.errors)}
 
 
 def table(
@@ -441,15 +462,20 @@ def table(
     rate = {key: statistics.median(rates[name]) if rates.get(name) else float("nan")
             for key, name in names.items()}
 
+    def errors(key: str) -> str:
+        count = leaks[names[key]]["errors"]
+        return f"; {count} of its requests in the run FAILED (no right answer)" if count else ""
+
     def seq_cell(key: str) -> str:
-        return f"p50 {ms(s[key]['p50'])}, p99 {ms(s[key]['p99'])} (n={s[key]['n']})"
+        return (f"p50 {ms(s[key]['p50'])}, p99 {ms(s[key]['p99'])} (n={s[key]['n']})"
+                + errors(key))
 
     def tp_cell(key: str) -> str:
         name = names[key]
         rounds = ", ".join(f"{r:.2f}" for r in rates.get(name, []))
         return (f"{rate[key]:.2f} req/s (rounds: {rounds}; p50 "
                 f"{ms(statistics.median(tp_lat[name])) if tp_lat.get(name) else '-'}; "
-                f"peak {sampler.peak_clis[name]} CLIs)")
+                f"peak {sampler.peak_clis[name]} CLIs)" + errors(key))
 
     def isolation(key: str) -> str:
         info = leaks[names[key]]
@@ -575,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average before -> after: {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
           f"other processes used {raw['load']['others_cores']:.2f} cores on average; "
           f"total {raw['load']['seconds']:.0f}s")
+    if any(errors for name, errors in raw.get("errors", {}).items() if name.startswith("ccwrap")):
+        failed = True  # the peers' failures are figures; ccwrap-trio's are a failed run
     exes = raw.get("cli_executables", [])
     print(f"CLI executables seen in the process trees: {exes}")
     pinned_exe = str(REAL_CLI.resolve().parent.parent)
