@@ -181,7 +181,9 @@ def tree_rss_mb(pid: int) -> tuple[float, int, set[str]]:
             total += proc.memory_info().rss
             if proc.name().startswith("claude"):
                 clis += 1
-                exes.add(proc.exe())
+                exe = proc.exe()
+                if exe:  # '' for a process that is exiting
+                    exes.add(exe)
     return total / MB, clis, exes
 
 
