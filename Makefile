@@ -77,5 +77,22 @@ bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/run.py --chart docs/benchmarks.png
 
+# The peers side by side (bench/peers.py, docs/benchmarks.md "Side by side with the peers"):
+# ccproxy in its own virtualenv, never in the project's; ~6 minutes, --quick for ~1 (bench/peers.py --quick).
+PEERS_VENV := bench/.peers-venv
+PEERS_PY ?= $(PYTHON)
+
+.PHONY: bench-peers-setup bench-peers
+bench-peers-setup: $(PEERS_VENV)/bin/ccproxy
+
+$(PEERS_VENV)/bin/ccproxy: bench/peers-requirements.txt
+	$(PEERS_PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(BIN)/ccwrap-trio $(CLAUDE) bench-peers-setup
+	$(BIN)/python bench/peers.py
+
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules
+	rm -rf $(PEERS_VENV) $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules
