@@ -165,6 +165,9 @@ def is_model_failure(case: schemathesis.Case, response: schemathesis.Response) -
     if response.status_code != 502 or not isinstance(case.body, dict):
         return False
     response_format = case.body.get("response_format")
+    text = case.body.get("text")  # the Responses API's text.format
+    if response_format is None and isinstance(text, dict):
+        response_format = text.get("format")
     try:
         code = json.loads(response.content)["error"]["code"]
     except (ValueError, KeyError, TypeError):

@@ -343,7 +343,7 @@ def _input_turns(value: Any) -> list[tuple[str, list[Part]]]:
 
 def _message(here: str, item: dict[str, Any]) -> tuple[str, list[Part]]:
     role = item.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a dict or list is not hashable
         raise InvalidRequest(
             f"'{here}.role' must be one of {', '.join(ROLES)}; got {role!r}.", param=f"{here}.role"
         )
