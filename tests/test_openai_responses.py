@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 
 from ccwrap_trio import openai_responses, protocol
 from ccwrap_trio.core import ToolCall
 from ccwrap_trio.errors import InvalidRequest
+
+from .conftest import running_server
 
 
 def parse(body: dict[str, Any]) -> openai_responses.ResponsesRequest:
@@ -107,3 +110,53 @@ def test_max_output_tokens_makes_an_incomplete_response() -> None:
     assert body["status"] == "incomplete"
     assert body["incomplete_details"] == {"reason": "max_output_tokens"}
     assert body["output"][0]["content"][0]["text"] == "a" * 8
+
+
+def stream_events(raw: str) -> list[dict[str, Any]]:
+    events = []
+    for frame in raw.split("\n\n"):
+        if frame and not frame.startswith(":"):
+            name, data = frame.split("\n")
+            event = json.loads(data.removeprefix("data: "))
+            assert name == f"event: {event['type']}"
+            events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+@pytest.mark.parametrize(("text", "overrides", "last", "code"), [
+    ("FAKE:crash", {}, "response.failed", "cli_crashed"),
+    ("a b c d FAKE:hang-after=2", {"query_timeout_s": 2.0}, "response.failed", "query_timeout"),
+    ("one two three four five six", {}, "response.incomplete", None),
+])
+async def test_a_stream_always_ends_with_one_ending_event(
+    make_config: Any, text: str, overrides: dict[str, Any], last: str, code: str | None
+) -> None:
+    body = {"input": text, "stream": True, "max_output_tokens": 3 if code is None else 100}
+    async with running_server(make_config(**overrides)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            response = await http.post("/v1/responses", json=body)
+    assert response.status_code == 200
+    events = stream_events(response.text)
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == last
+    assert sum(k in ("response.completed", "response.incomplete", "response.failed")
+               for k in kinds) == 1
+    final = events[-1]["response"]
+    if code is not None:
+        assert final["status"] == "failed" and final["error"]["code"] == code
+        # the text sent before the failure is closed properly
+        assert kinds.index("response.output_text.done") < len(kinds) - 1
+    else:
+        assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert final["output"][0]["content"][0]["text"] == "echo: one tw"  # 3 tokens
+
+
+async def test_a_failure_before_the_first_event_is_a_plain_http_error(make_config: Any) -> None:
+    async with running_server(make_config()) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            response = await http.post("/v1/responses",
+                                       json={"input": "FAKE:error=boom", "stream": True})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "cli_error"
