@@ -12,7 +12,7 @@ from ccwrap_trio import openai_responses, protocol
 from ccwrap_trio.core import ToolCall
 from ccwrap_trio.errors import InvalidRequest
 
-from .conftest import running_server
+from .conftest import real_stack, running_server
 
 
 def parse(body: dict[str, Any]) -> openai_responses.ResponsesRequest:
@@ -160,3 +160,22 @@ async def test_a_failure_before_the_first_event_is_a_plain_http_error(make_confi
                                        json={"input": "FAKE:error=boom", "stream": True})
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "cli_error"
+
+
+@pytest.mark.real_cli
+async def test_a_stream_without_parallel_calls_announces_only_the_first(tmp_path: Any) -> None:
+    body = {"input": "[standin:call=get_weather,lookup_stock]", "stream": True,
+            "parallel_tool_calls": False, "model": "haiku",
+            "tools": [{"type": "function", "name": name, "parameters": {
+                "type": "object", "properties": {"q": {"type": "string"}}}}
+                for name in ("get_weather", "lookup_stock")]}
+    async with real_stack(tmp_path) as (url, _standin, _):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            response = await http.post("/v1/responses", json=body)
+    events = stream_events(response.text)
+    added = [e["item"]["name"] for e in events if e["type"] == "response.output_item.added"
+             and e["item"]["type"] == "function_call"]
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    assert added == ["get_weather"]
+    assert [i["name"] for i in final["output"] if i["type"] == "function_call"] == ["get_weather"]

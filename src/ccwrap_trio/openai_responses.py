@@ -570,10 +570,6 @@ class _Events:
                            output_index=index, name=call.name, arguments=call.arguments),
                 self.event("response.output_item.done", output_index=index, item=dict(item)),
             ]
-        # Calls streamed but dropped by the core (parallel_tool_calls false) leave the output.
-        kept = {self.calls[number] for number in range(len(calls))}
-        self.output = [item for index, item in enumerate(self.output)
-                       if item["type"] != "function_call" or index in kept]
         return frames
 
 
@@ -605,6 +601,10 @@ async def response_stream(
                 elif isinstance(event, protocol.MessageStart):
                     prompt_usage = event.usage
                 elif isinstance(event, ToolCallStart):
+                    if event.index > 0 and not req.parallel_tool_calls:
+                        # Only the first call is kept (tool_policy.check): never announce others.
+                        event = await handle.next_event(patience=keepalive_s)
+                        continue
                     if text := limiter.flush():
                         sent += text
                         for frame in events.text_delta(text):

@@ -67,8 +67,14 @@ async def test_create_stream_and_parse(tmp_path: Path) -> None:
                 parsed = client.responses.parse(
                     model="haiku", input="Paris, as JSON.", text_format=City,
                 )
+                with client.responses.stream(
+                    model="haiku", input="Paris, as JSON, streamed.", text_format=City,
+                ) as stream:
+                    for _ in stream:
+                        pass
+                    parsed_stream = stream.get_final_response()
                 return {"plain": plain, "events": events, "deltas": deltas, "final": final,
-                        "parsed": parsed}
+                        "parsed": parsed, "parsed_stream": parsed_stream}
 
             got = await trio.to_thread.run_sync(run)
     plain = got["plain"]
@@ -91,6 +97,7 @@ async def test_create_stream_and_parse(tmp_path: Path) -> None:
     assert got["final"].output_text == "echo: Helper stream"
     parsed = got["parsed"]
     assert isinstance(parsed.output_parsed, City)
+    assert isinstance(got["parsed_stream"].output_parsed, City)
     # the schema travelled in the prompt (the stand-in answers such a request with valid JSON)
     assert "json-schema" in json.dumps(standin.calls[-1].body["messages"])
 
