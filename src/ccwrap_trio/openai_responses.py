@@ -306,7 +306,7 @@ def _input_turns(value: Any) -> list[tuple[str, list[Part]]]:
                 if not isinstance(got, str) or (key != "arguments" and not got):
                     raise InvalidRequest(f"'{here}.{key}' must be a string.",
                                          param=f"{here}.{key}")
-            assert isinstance(call_id, str) and isinstance(name, str)  # checked just above
+            assert isinstance(call_id, str) and isinstance(name, str)  # for mypy: checked above
             call_ids.add(call_id)
             text = openai_tools.call_text(call_id, name, arguments)
             # Consecutive calls belong to one assistant message, as in Chat Completions.
@@ -392,6 +392,7 @@ def _parts(param: str, content: list[Any], role: str) -> list[Part]:
 
 
 def new_response_id() -> str:
+    """A fresh ``resp_<32 hex>`` id (never stored, never looked up)."""
     return f"resp_{uuid.uuid4().hex}"
 
 
@@ -407,16 +408,19 @@ def usage_object(usage: protocol.Usage) -> dict[str, Any]:
 
 
 def message_item(item_id: str, text: str, *, status: str = "completed") -> dict[str, Any]:
+    """An assistant ``message`` output item; in progress it has no content part yet."""
     content = [text_part(text)] if status == "completed" else []
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
             "content": content}
 
 
 def text_part(text: str) -> dict[str, Any]:
+    """One ``output_text`` content part (no annotations, no log probabilities)."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def call_item(item_id: str, call: ToolCall, *, status: str = "completed") -> dict[str, Any]:
+    """A ``function_call`` output item: the client runs the call and sends its output back."""
     return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id,
             "name": call.name, "arguments": call.arguments}
 
