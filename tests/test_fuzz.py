@@ -524,7 +524,8 @@ class StdinLog:
 
     def check(self, expected: list[openai_api.Content]) -> None:
         """Every new line is ``/clear`` (the server's own), an interrupt, a model or tool-list
-        control request, or the next prompt."""
+        control request, a control response (the tool list the CLI asked for), or the next
+        prompt."""
         prompts = []
         for line in self.new_lines():
             if line == CLEAR_LINE or INTERRUPT_LINE.fullmatch(line):
@@ -534,6 +535,8 @@ class StdinLog:
                 "set_model", "mcp_message"
             ):
                 continue  # the request's model or tool list, set before its turn
+            if message.get("type") == "control_response":
+                continue  # the server's answer to the CLI's own request (MCP tools/list)
             assert set(message) == {"type", "message"} and message["type"] == "user", line[:300]
             assert set(message["message"]) == {"role", "content"}, line[:300]
             assert message["message"]["role"] == "user"

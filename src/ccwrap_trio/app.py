@@ -20,7 +20,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, anthropic_messages, metrics, openai_api
+from . import __version__, anthropic_messages, metrics, openai_api, openai_responses
 from .config import Config
 from .errors import CcwrapError
 from .memory import MemorySampler
@@ -39,7 +39,9 @@ OPEN_PATHS = frozenset(
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 # A body left unread can hang a keep-alive connection: routes that read theirs, and the statuses
 # answered before the body is read (auth, routing, size).
-BODY_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"}) | anthropic_messages.PATHS
+BODY_ROUTES = frozenset(
+    {"/v1/chat/completions", "/chat/completions", "/v1/responses", "/responses"}
+) | anthropic_messages.PATHS
 UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
@@ -75,6 +77,8 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             response.headers["request-id"] = g.get("request_id", "")
         rule = request.url_rule
         http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
+        if rule is not None and rule.rule in metrics.ENDPOINTS:
+            http_requests.count_endpoint(metrics.ENDPOINTS[rule.rule])
         body_read = rule is not None and rule.rule in BODY_ROUTES
         if _has_body() and (response.status_code in UNREAD_BODY_STATUSES or not body_read):
             # Answered without reading the body: the connection cannot be reused safely.
@@ -104,6 +108,26 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             finish_reason=finish_reason, tool_calls=result.tool_calls,
             legacy_functions=chat.tools.legacy,
         )
+
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def responses() -> Any:
+        req = openai_responses.parse_request(
+            await request.get_data(cache=False, as_text=False), default_model=config.model
+        )
+        if not config.model_allowed(req.model):
+            raise openai_api.model_not_found(req.model)
+        if req.stream:
+            handle = supervisor.submit(req.content, request_id=g.request_id, stream=True,
+                                       structured=req.structured, request=req.core)
+            frames = openai_responses.response_stream(
+                req, handle, keepalive_s=config.stream_keepalive_s
+            )
+            return await _event_stream(frames)
+        result = await supervisor.query(
+            req.content, request_id=g.request_id, structured=req.structured, request=req.core
+        )
+        return openai_responses.response_object(req, result)
 
     # The Anthropic Messages API (anthropic_messages); ?beta=true and the anthropic-version and
     # anthropic-beta headers are accepted and change nothing.
@@ -277,21 +301,16 @@ def _authenticate(api_keys: list[bytes]) -> Any:
 async def _streaming_response(
     chat: openai_api.ChatRequest, handle: QueryHandle, keepalive_s: float
 ) -> Response:
-    frames = completion_stream(chat, handle, keepalive_s=keepalive_s)
+    return await _event_stream(completion_stream(chat, handle, keepalive_s=keepalive_s))
+
+
+async def _event_stream(frames: AsyncIterator[bytes]) -> Response:
+    """An SSE response whose body is ``frames``, started here (its first frame awaited)."""
     # Started here: a failure before the first frame is still a plain HTTP error.
     first = await frames.__anext__()
     response = Response(_prepend(first, frames), content_type="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass frames through as they come
-    return response
-
-
-async def _event_stream(frames: AsyncIterator[bytes]) -> Response:
-    # Started here: a failure before the first event is still a plain HTTP error.
-    first = await frames.__anext__()
-    response = Response(_prepend(first, frames), content_type="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
     return response
 
 

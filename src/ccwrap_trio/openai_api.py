@@ -131,10 +131,10 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         raise InvalidRequest("Every message in 'messages' is empty.", param="messages")
     content = render_prompt(turns)
     if structured is not None:
-        content = _append_text(content, structured.instruction())
+        content = append_text(content, structured.instruction())
     core = CoreRequest(content, model, tools.tools, tools.choice, tools.parallel)
     if (wanted := tool_policy.instruction(core)) is not None:
-        content = _append_text(content, wanted)
+        content = append_text(content, wanted)
     return ChatRequest(
         model=model,
         content=content,
@@ -268,7 +268,7 @@ def _content(param: str, content: Any, role: str) -> list[Part]:
             else:
                 parts.append(text)
         elif kind == "image_url" and role == "user":
-            parts.append(_image(part_param, part.get("image_url")))
+            parts.append(image_part(part_param, part.get("image_url")))
         else:
             raise InvalidRequest(
                 f"'{part_param}.type' {_quote(kind)} is not supported here; 'text' parts are, and "
@@ -285,7 +285,8 @@ def _quote(value: Any) -> str:
     return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
 
 
-def _image(param: str, image_url: Any) -> dict[str, Any]:
+def image_part(param: str, image_url: Any) -> dict[str, Any]:
+    """A data: URL image (``image_url`` or its ``url``) as a Messages API image block."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     param = f"{param}.image_url.url"
     if not isinstance(url, str):
@@ -351,7 +352,8 @@ def _blocks(parts: list[Part]) -> Content:
     return blocks  # every text is neutralized on its way into the turn (protocol.user_line)
 
 
-def _append_text(content: Content, text: str) -> Content:
+def append_text(content: Content, text: str) -> Content:
+    """``content`` with ``text`` added at the end, as its own paragraph."""
     if isinstance(content, str):
         return f"{content}\n\n{text}"
     return [*content, {"type": "text", "text": f"\n\n{text}"}]
