@@ -39,8 +39,9 @@ _interrupt_ids = itertools.count(1)
 class SessionLike(Protocol):
     """What a worker needs of a session; ``session.Session`` and the tests' fakes provide it."""
 
-    turns: int
-    tokens: int
+    turns: int  # of the current conversation (0 after a /clear)
+    tokens: int  # the current conversation's size
+    requests: int  # served since spawn
     model: str
     cli_version: str
     started_at: float
@@ -116,8 +117,9 @@ class Session:
         self._busy = False
         self.exited = trio.Event()
         self.started_at = trio.current_time()
-        self.turns = 0
+        self.turns = 0  # of the current conversation: a /clear starts a new one
         self.tokens = 0
+        self.requests = 0  # requests served since spawn (the process's lifetime)
         self.model = ""
         self.cli_version = ""
         self.tools: tuple[str, ...] = ()
@@ -241,6 +243,7 @@ class Session:
         if result.is_error:
             raise SessionCrashed(f"/clear failed: {result.text}")
         self.tokens = 0
+        self.turns = 0
 
     async def interrupt(self) -> bool:
         """Abort the running turn and read to its ``result``; True if the session is usable.
