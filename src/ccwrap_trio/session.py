@@ -315,6 +315,7 @@ class Session:
             # (even right after message_delta, seen on 2.1.332) the CLI may abort the stream.
             state = self._turn_state
             state.stopped = True
+            state.attempt_open = False
             held, state.held = state.held, []
             for request_id in held:
                 await self._send_answer(request_id, toolbridge.DENY)
@@ -375,13 +376,18 @@ class _TurnState:
     stop_reason: str | None = None  # from message_delta
     stopped: bool = False  # message_stop seen
     held: list[str] = field(default_factory=list)
+    # The API call under way: its text, and whether its stream is still open (no message_stop).
+    attempt_text: list[str] = field(default_factory=list)
+    attempt_open: bool = False
 
     def progress(self, event: protocol.Event) -> protocol.Progress | None:
         if isinstance(event, protocol.TextDelta):
             self.text.append(event.text)
+            self.attempt_text.append(event.text)
             return event
         if isinstance(event, protocol.MessageStart):
             self.model = event.model or self.model
+            self.attempt_open, self.attempt_text = True, []
             return event
         if isinstance(event, protocol.ToolUseStart) and event.name.startswith(toolbridge.PREFIX):
             # Only the client's tools: anything else is the CLI's business ("No such tool").
@@ -405,6 +411,13 @@ class _TurnState:
             # The answer is the text before the calls.
             return dataclasses.replace(result, text="".join(self.text), is_error=False,
                                        tool_calls=calls, model=self.model)
+        if (not result.is_error and result.text.strip() and self.attempt_open
+                and "".join(self.attempt_text).strip() == result.text.strip()):
+            # The API's stream broke off mid-answer and the CLI (seen on 2.1.332, under load,
+            # after a malformed event) reported the partial text as the whole answer.
+            return dataclasses.replace(result, is_error=True, model=self.model, text=(
+                "the API's stream broke off mid-answer (no message_stop) and the CLI reported "
+                "the partial text as complete; retry the request"))
         return dataclasses.replace(result, model=self.model)
 
 
