@@ -69,6 +69,8 @@ class SessionWorker:
         counters: Counters,
         activity: Activity,
         rss_probe: RssProbe | None = None,
+        *,
+        first_max_requests: int | None = None,
     ) -> None:
         self._config = config
         self._spawner = spawner
@@ -79,6 +81,9 @@ class SessionWorker:
         self._rss_probe = rss_probe or _cli_rss_mb
         self._rss_checked_at = -math.inf
         self._runner = RequestRunner(config, counters)  # one request's policy
+        # Requests the current session's CLI may serve. The pool's first sessions get staggered
+        # budgets (Supervisor), so that they do not all reach the limit at once.
+        self._max_requests = first_max_requests or config.session_max_requests
         self.status = "starting"
         self.session: SessionLike | None = None
 
@@ -103,6 +108,8 @@ class SessionWorker:
             uptime_s=trio.current_time() - session.started_at if session is not None else 0.0,
             model=session.model if session is not None else "",
             cli_version=session.cli_version if session is not None else "",
+            requests=session.requests if session is not None else 0,
+            max_requests=self._max_requests,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -132,6 +139,8 @@ class SessionWorker:
                 continue
             failures = 0
             session = self.session = lease.session
+            if restart is not None:
+                self._max_requests = self._config.session_max_requests
             self.status = "healthy"
             try:
                 if restart is not None:
@@ -171,6 +180,10 @@ class SessionWorker:
             counters.timeout_restarts += 1
         elif restart.kind == "memory":
             counters.memory_restarts += 1
+        elif restart.kind == "lifetime":
+            counters.lifetime_restarts += 1
+        elif restart.kind == "age":
+            counters.age_restarts += 1
         self._activity.restarted(restart.kind, restart.detail)
         log.warning(
             "[RESTART] Starting: %s: %s", restart.kind, restart.detail,
@@ -210,8 +223,8 @@ class SessionWorker:
         """Answer queries on ``session`` until it must be replaced; say why."""
         needs_clear = False
         while True:
-            if (restart := await self._restart_needed(session)) is not None:
-                return restart, pending
+            # The /clear first: it empties the conversation, so only an accumulating one
+            # (isolation none) or the process's own lifetime can call for a new CLI.
             if needs_clear:
                 try:
                     await clear_within(session, self._config.clear_timeout_s)
@@ -220,6 +233,8 @@ class SessionWorker:
                 except QueryTimeout as exc:
                     return Restart("timeout", str(exc)), pending
                 needs_clear = False
+            if (restart := await self._restart_needed(session)) is not None:
+                return restart, pending
             query: Query | None
             if pending is not None:
                 query, pending = pending, None
@@ -238,7 +253,11 @@ class SessionWorker:
             if not session.alive:
                 # It died before this query reached it: respawn and serve the query there.
                 return Restart("crash", session.describe_exit()), query
-            ran = await self._runner.run(session, query)
+            self._spawner.request_started()
+            try:
+                ran = await self._runner.run(session, query)
+            finally:
+                self._spawner.request_ended()
             needs_clear = ran and self._config.isolation == "clear"
             if not session.alive:
                 kind = "timeout" if query.abandoned == "timeout" else "crash"
@@ -257,10 +276,17 @@ class SessionWorker:
         if pct >= config.proactive_pct:
             log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct, extra={name: pct})
             return Restart("proactive", f"{name}={pct:.1f}")
-        # Long-lived CLIs leak; measured at most once a sample interval, between requests.
-        # A session that has served nothing is as small as a new one would be: not recycled.
+        # The process's lifetime, its own policy: a session that has served nothing is as small
+        # and fresh as a new one would be, so it is never recycled.
+        if not session.requests:
+            return None
+        if session.requests >= self._max_requests:
+            return Restart("lifetime", f"requests={session.requests}")
         now = trio.current_time()
-        if session.turns and now - self._rss_checked_at >= config.memory_sample_interval_s:
+        if (age_s := now - session.started_at) >= config.session_max_age_s:
+            return Restart("age", f"age={age_s:.0f}s")
+        # Long-lived CLIs leak; measured at most once a sample interval, between requests.
+        if now - self._rss_checked_at >= config.memory_sample_interval_s:
             self._rss_checked_at = now
             rss_mb = await self._probe_rss(session.pid)
             if rss_mb > config.cli_rss_limit_mb:
@@ -308,12 +334,17 @@ class Supervisor:
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
         self.counters = Counters()
         self.activity = Activity()
-        self.spawner = Spawner(open_session, standby=config.standby)
+        self.spawner = Spawner(
+            open_session, standby=config.standby, spares=config.standby_spares
+        )
+        budget = config.session_max_requests
         self.workers = [
             SessionWorker(
-                config, self.spawner, self._receive, self.counters, self.activity, rss_probe
+                config, self.spawner, self._receive, self.counters, self.activity, rss_probe,
+                # Worker k's first CLI retires after (1 - k/2N) of the budget: spread out.
+                first_max_requests=max(1, budget - index * budget // (2 * sessions)),
             )
-            for _ in range(sessions)
+            for index in range(sessions)
         ]
         self._shutting_down = False
 
