@@ -983,7 +983,7 @@ async def test_real_cli_answers_text_after_an_image_with_the_model(tmp_path: Pat
 @pytest.mark.parametrize(
     ("method", "path", "overrides", "status"),
     [
-        ("POST", "/v1/responses", {}, 404),
+        ("POST", "/v1/embeddings", {}, 404),
         ("PUT", "/v1/chat/completions", {}, 405),
         ("POST", "/v1/chat/completions", {"api_keys": ("sk-test-0123456789",)}, 401),
         ("POST", "/v1/chat/completions", {"max_body_bytes": 1024}, 413),

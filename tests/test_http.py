@@ -219,7 +219,9 @@ async def test_health_schema(make_config: Any) -> None:
         health["stats"])
     assert health["stats"]["total_requests"] == 1
     assert set(health["memory"]) == {"rss_mb", "vms_mb", "cli_rss_mb", "trend_mb_per_min"}
-    assert 0 < health["memory"]["rss_mb"] < 500
+    # In-process: the pytest process's RSS, every client library the suite imported included
+    # (the server's own bound, < 100 MB, is checked on a real server process in test_cli.py).
+    assert 0 < health["memory"]["rss_mb"] < 4096
     assert health["memory"]["cli_rss_mb"] > 0
     assert health["session"]["cli_version"] == "2.1.332-fake"
     assert isinstance(health["session"]["pid"], int)

@@ -65,9 +65,10 @@ async def test_ask_reads_to_result_and_tracks_usage(fake_cli: Path, tmp_path: Pa
         assert session.turns == 1
         assert session.tokens == result.usage.context_tokens
         await session.clear()
-        assert session.tokens == 0 and session.turns == 1
+        # A new conversation: no turns, no tokens (the requests served are the worker's count).
+        assert session.tokens == 0 and session.turns == 0
         pid = session.pid
-        assert repr(session) == f"<Session pid={pid} ready turns=1 tokens=0>"
+        assert repr(session) == f"<Session pid={pid} ready turns=0 tokens=0>"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     sent = stdin_lines(tmp_path)
     assert [m["message"]["content"] for m in sent] == [  # type: ignore[index]
