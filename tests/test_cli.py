@@ -252,7 +252,7 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
 
             async def in_flight() -> None:
                 result["slow"] = await http.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "FAKE:sleep=3 still answered"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=5 still answered"}]})
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
