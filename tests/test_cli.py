@@ -252,17 +252,21 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
 
             async def in_flight() -> None:
                 result["slow"] = await http.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "FAKE:sleep=3 still answered"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=5 still answered"}]})
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
                 await wait_for_health(http, lambda h: h["active_queries"] == 1)
                 process.send_signal(signal.SIGTERM)
-                with pytest.raises(httpx.HTTPError), trio.fail_after(10):  # no longer accepting
-                    while True:
-                        async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
-                            await fresh.get("/health")
-                        await trio.sleep(0.02)
+                # Refused while the request drains: 503, never a connection error.
+                async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
+                    with trio.fail_after(10):
+                        while (await fresh.get("/health/ready")).status_code == 200:
+                            await trio.sleep(0.02)
+                    refused = await fresh.post("/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "too late"}]})
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "session_unavailable"
         with trio.fail_after(30):
             code = await process.wait()
     assert result["slow"].status_code == 200
@@ -271,6 +275,44 @@ async def test_sigterm_finishes_in_flight_requests_and_reaps_the_cli(
     assert code == 0, log.decode()
     assert b"SIGTERM received" in log
     assert not psutil.pid_exists(cli_pid)
+
+
+async def test_readiness_is_false_from_sigterm_while_requests_drain(fake_cli: Path) -> None:
+    """From SIGTERM until the in-flight request is answered, /health/ready is 503 "shutting
+    down" on new connections (a kubelet probe, a load balancer), not a refused connection."""
+    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SHUTDOWN_GRACE": "60"}
+    async with server_process(env) as (process, url, log):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await wait_for_health(http, lambda h: h["status"] == "healthy")
+            assert (await http.get("/health/ready")).status_code == 200
+            result: dict[str, httpx.Response] = {}
+
+            async def in_flight() -> None:
+                result["slow"] = await http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "FAKE:sleep=6 drained"}]})
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_flight)
+                await wait_for_health(http, lambda h: h["active_queries"] == 1)
+                with trio.fail_after(10):
+                    async with httpx.AsyncClient(base_url=url, timeout=5) as probe:
+                        process.send_signal(signal.SIGTERM)
+                        while b"SIGTERM received" not in log:
+                            await trio.sleep(0.02)
+                        for _ in range(3):
+                            # A new connection each time, as a kubelet probes.
+                            ready = await probe.get("/health/ready",
+                                                    headers={"Connection": "close"})
+                            assert ready.status_code == 503, ready.text
+                            assert ready.json()["reasons"] == ["shutting down"]
+                            health = (await probe.get("/health",
+                                                      headers={"Connection": "close"})).json()
+                            assert health["active_queries"] == 1  # still draining
+        with trio.fail_after(30):
+            code = await process.wait()
+    assert result["slow"].status_code == 200
+    assert result["slow"].json()["choices"][0]["message"]["content"] == "echo: drained"
+    assert code == 0, log.decode()
 
 
 async def test_idle_keep_alive_clients_do_not_hold_shutdown(fake_cli: Path) -> None:

@@ -40,6 +40,7 @@ HYPERCORN_TOML = CONTAINER / "hypercorn.toml"
 RULES = CONTAINER / "prometheus-rules.yaml"
 K8S = CONTAINER / "k8s"
 OPERATIONS = ROOT / "docs" / "operations.md"
+SCALE_OUT, ADAPTER = "deployment-scale-out.yaml", "prometheus-adapter.yaml"
 
 SETTING = {setting.env: setting for setting in SETTINGS}
 DEFAULT_PORT = int(SETTING["CCWRAP_PORT"].default)
@@ -183,7 +184,7 @@ def effective(env: dict[str, str], name: str) -> Any:
 def test_the_expected_files_exist() -> None:
     for path in (DOCKERFILE, CONTAINER / "Dockerfile.dockerignore", COMPOSE, HYPERCORN_TOML,
                  RULES, K8S / "deployment.yaml", K8S / "service.yaml", K8S / "README.md",
-                 OPERATIONS):
+                 K8S / SCALE_OUT, K8S / ADAPTER, OPERATIONS):
         assert path.is_file(), path
 
 
@@ -509,6 +510,147 @@ def test_memory_is_sized_for_the_sessions(where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Scaling out: deployment-scale-out.yaml (HPA, PDB) and the prometheus-adapter rule
+
+QUEUE_METRIC = "ccwrap_queue_depth"
+TOKEN_SECRET = {"name": "ccwrap-trio-claude-token", "key": "token"}
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    config_map = k8s_object("ConfigMap", ADAPTER)
+    found: list[dict[str, Any]] = yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+    return found
+
+
+def test_scale_out_pod_is_deployment_yaml_but_for_the_login() -> None:
+    """One pod template in two files: only the login (a token, no volume) may differ."""
+    single = k8s_object("Deployment")["spec"]["template"]
+    scaled = k8s_object("Deployment", SCALE_OUT)["spec"]["template"]
+    env = {e["name"]: e for e in scaled["spec"]["containers"][0]["env"]}
+    assert env["CCWRAP_FORWARD_API_KEY"]["value"] == "1"  # else the CLI never sees the token
+    # From a Secret, and required: a pod without it would start "Not logged in".
+    assert env["CLAUDE_CODE_OAUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": TOKEN_SECRET}
+    volumes = {v["name"]: v for v in scaled["spec"]["volumes"]}
+    assert "emptyDir" in volumes["home"], "no login volume: every replica is stateless"
+
+    def without_login(template: dict[str, Any]) -> dict[str, Any]:
+        template = json.loads(json.dumps(template))
+        spec = template["spec"]
+        for key in ("fsGroup", "fsGroupChangePolicy"):  # only the login volume needs them
+            spec["securityContext"].pop(key, None)
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "home"]
+        container = spec["containers"][0]
+        container["env"] = [e for e in container["env"] if e["name"] not in (
+            "CCWRAP_FORWARD_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")]
+        return template
+
+    assert without_login(scaled) == without_login(single)
+
+
+def test_scale_out_rolls_one_pod_at_a_time_without_losing_capacity() -> None:
+    spec = k8s_object("Deployment", SCALE_OUT)["spec"]
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"][
+        "labels"].items()
+    assert spec["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == READY
+    assert not any("persistentVolumeClaim" in v for v in spec["template"]["spec"]["volumes"])
+
+
+def test_hpa_scales_the_deployment_on_queue_depth_with_cpu_as_fallback() -> None:
+    deployment = k8s_object("Deployment", SCALE_OUT)
+    hpa = k8s_object("HorizontalPodAutoscaler", SCALE_OUT)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": deployment["apiVersion"],
+                                             "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert hpa["metadata"].get("namespace") == deployment["metadata"].get("namespace")
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert 2 <= low <= deployment["spec"]["replicas"] <= high  # 2: a drain keeps one serving
+    pods, cpu = hpa["spec"]["metrics"]
+    assert pods["type"] == "Pods" and pods["pods"]["metric"]["name"] == QUEUE_METRIC
+    assert pods["pods"]["target"]["type"] == "AverageValue"
+    assert cpu == {"type": "Resource", "resource": {"name": "cpu", "target": {
+        "type": "Utilization", "averageUtilization": cpu["resource"]["target"][
+            "averageUtilization"]}}}
+    # Utilization is measured against the request: without one the HPA cannot use CPU.
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"]
+    # Scale-down waits longer than a pod may take to drain its requests.
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    down = hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+    assert down >= effective(env, "CCWRAP_QUERY_TIMEOUT")
+
+
+def test_adapter_rule_serves_the_metric_the_hpa_reads() -> None:
+    hpa = k8s_object("HorizontalPodAutoscaler", SCALE_OUT)
+    wanted = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (rule,) = adapter_rules()
+    assert rule["name"]["as"] == wanted
+    assert re.fullmatch(rule["name"]["matches"], QUEUE_METRIC)
+    assert rule["seriesQuery"].startswith(QUEUE_METRIC + "{")
+    # Per pod: the HPA's Pods metric is looked up by namespace and pod name.
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                              "pod": {"resource": "pod"}}
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+def test_pdb_covers_the_scaled_pods_and_leaves_one_serving() -> None:
+    deployment = k8s_object("Deployment", SCALE_OUT)
+    pdb = k8s_object("PodDisruptionBudget", SCALE_OUT)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    hpa = k8s_object("HorizontalPodAutoscaler", SCALE_OUT)
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+    assert "minAvailable" not in pdb["spec"]
+
+
+@pytest.mark.parametrize("filename", ["deployment.yaml", SCALE_OUT])
+def test_termination_grace_covers_prestop_and_the_shutdown_grace(filename: str) -> None:
+    pod = k8s_object("Deployment", filename)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    shutdown_grace = effective(env, "CCWRAP_SHUTDOWN_GRACE")
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = int(command[1])
+    # The endpoint removal needs a few seconds to reach every proxy; more only delays a stop.
+    assert 3 <= pre_stop <= 15
+    # preStop runs inside terminationGracePeriodSeconds: then SIGTERM, the drain, ending the CLI.
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + shutdown_grace
+    assert shutdown_grace > effective(env, "CCWRAP_QUERY_TIMEOUT")
+
+
+def test_adapter_query_gives_each_pods_average_queue(promtool: str, tmp_path: Path) -> None:
+    """The adapter's metricsQuery, filled in as the adapter does, evaluated by Prometheus."""
+    (rule,) = adapter_rules()
+    pods = ("ccwrap-trio-a", "ccwrap-trio-b")
+    query = (rule["metricsQuery"].replace("<<.Series>>", QUEUE_METRIC)
+             .replace("<<.LabelMatchers>>", f'namespace="default",pod=~"{"|".join(pods)}"')
+             .replace("<<.GroupBy>>", "pod"))
+    record = "adapter:ccwrap_queue_depth"
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [
+        {"name": "adapter", "rules": [{"record": record, "expr": query}]}]}))
+    series = 'ccwrap_queue_depth{namespace="default",pod="%s",job="ccwrap-trio"}'
+    samples = [{"labels": f'{record}{{pod="{pod}"}}', "value": value}
+               for pod, value in zip(pods, (3, 0), strict=True)]
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": series % pods[0], "values": "3x10"},
+                             {"series": series % pods[1], "values": "0x10"},
+                             {"series": series % "other-pod", "values": "9x10"}],
+            "promql_expr_test": [{"expr": record, "eval_time": "5m", "exp_samples": samples}],
+        }],
+    }))
+    result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # Prometheus rules and the metrics the server really serves
 
 
@@ -575,7 +717,8 @@ async def test_every_metric_in_the_rules_and_the_guide_is_served(make_config: An
     assert response.headers["content-type"].startswith("text/plain")
     names, labels = served_metrics(response.text)
 
-    for path in (RULES, K8S / "prometheusrule.yaml", OPERATIONS, K8S / "README.md"):
+    for path in (RULES, K8S / "prometheusrule.yaml", OPERATIONS, K8S / "README.md",
+                 K8S / SCALE_OUT, K8S / ADAPTER):
         used = set(_METRIC.findall(path.read_text()))
         missing = used - names
         assert not missing, f"{path.relative_to(ROOT)} uses metrics the server lacks: {missing}"

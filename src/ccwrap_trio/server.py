@@ -174,8 +174,8 @@ async def serve(
     """Run the whole server until ``shutdown`` is set, then stop gracefully.
 
     Hands the bound URLs to ``task_status`` once Hypercorn listens (so port 0 works in tests).
-    On shutdown: new requests get 503, in-flight ones have ``shutdown_grace_s`` to finish, then the
-    CLI is ended and reaped.
+    On shutdown: new requests (and ``/health/ready``) get 503 while in-flight ones have
+    ``shutdown_grace_s`` to finish, then the listeners close and the CLI is ended and reaped.
     """
     shutdown = shutdown if shutdown is not None else trio.Event()
     services = Services(config, session_factory_override)
@@ -187,6 +187,11 @@ async def serve(
             "shutting down: finishing in-flight requests (grace %gs)", config.shutdown_grace_s
         )
         services.supervisor.begin_shutdown()
+        # Keep listening while in-flight requests finish: a new connection (a kubelet's
+        # readiness probe, a load balancer's check, a late client) gets 503 "shutting down",
+        # not a refused connection. Hypercorn closes its listeners when this returns.
+        with trio.move_on_after(config.shutdown_grace_s):
+            await app.wait_idle()
 
     async with trio.open_nursery() as nursery:
 
