@@ -19,6 +19,9 @@ langchain_openai = pytest.importorskip("langchain_openai")
 
 pytestmark = pytest.mark.real_cli
 PROMPTS = 80
+# Each answer takes a little while, as a model's does: the queue drains at a few requests per
+# second, far slower than "come back in 1 s".
+LATENCY = "[standin:latency=0.25]"
 
 
 async def test_abatch_of_80_completes_with_default_retries(tmp_path: Path) -> None:
@@ -30,7 +33,7 @@ async def test_abatch_of_80_completes_with_default_retries(tmp_path: Path) -> No
             llm = langchain_openai.ChatOpenAI(base_url=f"{url}/v1", api_key="unused",
                                               model="haiku", timeout=300)
             started = time.monotonic()
-            answers = asyncio.run(llm.abatch([f"prompt {i}" for i in range(PROMPTS)]))
+            answers = asyncio.run(llm.abatch([f"prompt {i} {LATENCY}" for i in range(PROMPTS)]))
             return [str(answer.content) for answer in answers], time.monotonic() - started
 
         answers, took_s = await trio.to_thread.run_sync(batch)
