@@ -63,10 +63,36 @@ test-under-load: install lint
 		[ $$passed -ge 3 ] && exit 0; \
 	done; exit 1
 
+# The container image built with podman and run: the CLI version, a completion with
+# --network=none, the HEALTHCHECK, the manifests' security settings, SIGTERM while busy,
+# `podman kube play`, the manifests against the Kubernetes schemas, compose
+# (container/test/run.sh; docs/operations.md, "How the image is tested"). Needs root (apt-get,
+# podman); caches in .tools/container.
+.PHONY: container-test
+container-test:
+	container/test/run.sh
+
 # Benchmarks side by side (docs/benchmarks.md); ~10 minutes, --quick for ~2.
 bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/run.py --chart docs/benchmarks.png
 
+# The peers side by side (bench/peers.py, docs/benchmarks.md "Side by side with the peers"):
+# ccproxy in its own virtualenv, never in the project's; ~6 minutes, --quick for ~1 (bench/peers.py --quick).
+PEERS_VENV := bench/.peers-venv
+PEERS_PY ?= $(PYTHON)
+
+.PHONY: bench-peers-setup bench-peers
+bench-peers-setup: $(PEERS_VENV)/bin/ccproxy
+
+$(PEERS_VENV)/bin/ccproxy: bench/peers-requirements.txt
+	$(PEERS_PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(BIN)/ccwrap-trio $(CLAUDE) bench-peers-setup
+	$(BIN)/python bench/peers.py
+
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules
+	rm -rf $(PEERS_VENV) $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache tests/clients/node/node_modules

@@ -153,7 +153,7 @@ class Processes:
             cwd=str(self.scratch),
         )
         log_file.close()
-        pattern = re.compile(ready + r"\s+(http://127\.0\.0\.1:\d+)")
+        pattern = re.compile(ready + r"\s*(http://127\.0\.0\.1:\d+)")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             match = pattern.search(log_path.read_text(errors="replace"))

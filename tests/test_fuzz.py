@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from ccwrap_trio import openai_api, protocol
+from ccwrap_trio import anthropic_messages, openai_api, protocol
 from ccwrap_trio.config import Config
 from ccwrap_trio.errors import InvalidRequest
 
@@ -524,7 +524,8 @@ class StdinLog:
 
     def check(self, expected: list[openai_api.Content]) -> None:
         """Every new line is ``/clear`` (the server's own), an interrupt, a model or tool-list
-        control request, or the next prompt."""
+        control request, a control response (the tool list the CLI asked for), or the next
+        prompt."""
         prompts = []
         for line in self.new_lines():
             if line == CLEAR_LINE or INTERRUPT_LINE.fullmatch(line):
@@ -534,6 +535,8 @@ class StdinLog:
                 "set_model", "mcp_message"
             ):
                 continue  # the request's model or tool list, set before its turn
+            if message.get("type") == "control_response":
+                continue  # the server's answer to the CLI's own request (MCP tools/list)
             assert set(message) == {"type", "message"} and message["type"] == "user", line[:300]
             assert set(message["message"]) == {"role", "content"}, line[:300]
             assert message["message"]["role"] == "user"
@@ -994,9 +997,10 @@ def test_answer_without_reading_the_body_keeps_the_connection_usable(
     """An answer that left the body unread, then a request on the same keep-alive connection:
     it must be answered (or the first answer must have closed the connection)."""
     body = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    # A keep-alive hang lasts forever: 10 s catches it, and does not fail on a loaded machine.
     with (
         ServerThread(make_config(**overrides)) as url,
-        httpx.Client(base_url=url, timeout=1.0) as client,
+        httpx.Client(base_url=url, timeout=10.0) as client,
     ):
         for attempt in range(100):
             first = client.request(method, path, content=body)
@@ -1006,3 +1010,121 @@ def test_answer_without_reading_the_body_keeps_the_connection_usable(
                 client.get("/health/live")
             except httpx.TimeoutException:
                 pytest.fail(f"attempt {attempt}: the request after a {status} hung")
+
+
+# --- the Anthropic Messages API (/v1/messages): the same two levels ---------------------------
+
+anthropic_text_blocks = st.fixed_dictionaries({"type": st.just("text"), "text": prompt_texts})
+anthropic_images = st.sampled_from([PNG_1PX, GIF_1PX]).map(lambda data: {
+    "type": "image", "source": {"type": "base64", "data": data,
+                                "media_type": "image/png" if data == PNG_1PX else "image/gif"}})
+anthropic_messages_ = st.fixed_dictionaries({
+    "role": st.sampled_from(["user", "user", "assistant", "system"]),
+    "content": st.one_of(prompt_texts, st.lists(anthropic_text_blocks, min_size=1, max_size=3)),
+})
+anthropic_user_images = st.fixed_dictionaries({
+    "role": st.just("user"),
+    "content": st.lists(st.one_of(anthropic_text_blocks, anthropic_images), min_size=1,
+                        max_size=3)})
+ANTHROPIC_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.one_of(nonempty_short, st.sampled_from([MODEL, "claude-sonnet-5-5"])),
+    "system": st.one_of(prompt_texts, st.lists(anthropic_text_blocks, max_size=2)),
+    "stream": st.sampled_from([True, False]),
+    "stop_sequences": st.lists(nonempty_short, max_size=3),
+    "metadata": st.just({"user_id": "u1"}),
+    "temperature": st.floats(0, 1),
+}
+
+
+@st.composite
+def anthropic_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A Messages body the API accepts (unless its messages are all empty)."""
+    body: dict[str, Any] = {
+        "max_tokens": draw(st.one_of(st.integers(1, 40), st.integers(1, 2**40))),
+        "messages": draw(st.lists(st.one_of(anthropic_messages_, anthropic_user_images),
+                                  min_size=1, max_size=4)),
+    }
+    for name, values in ANTHROPIC_FIELDS.items():
+        if draw(st.booleans()):
+            body[name] = draw(values)
+    return body
+
+
+@st.composite
+def almost_anthropic_bodies(draw: st.DrawFn) -> Any:
+    """A valid body with one thing broken: a field replaced, dropped or added."""
+    body: dict[str, Any] = draw(anthropic_bodies())
+    name = draw(st.sampled_from([*ANTHROPIC_FIELDS, "max_tokens", "messages", "tools",
+                                 "tool_choice", "output_format", "n", "role"]))
+    if draw(st.booleans()):
+        body.pop(name, None)
+    else:
+        body[name] = draw(json_values)
+    return body
+
+
+def anthropic_parse(payload: bytes) -> Any:
+    try:
+        return anthropic_messages.parse_request(payload, default_model=MODEL)
+    except InvalidRequest as exc:
+        return exc
+
+
+@PURE
+@given(payloads(st.one_of(anthropic_bodies(), almost_anthropic_bodies(), json_values)))
+def test_anthropic_parser_takes_any_json(payload: bytes) -> None:
+    result = anthropic_parse(payload)
+    assert isinstance(result, InvalidRequest | anthropic_messages.MessagesRequest)
+    if isinstance(result, InvalidRequest):
+        assert str(result)
+
+
+@PURE
+@given(broken_payloads())
+def test_anthropic_parser_takes_any_bytes(payload: bytes) -> None:
+    assert isinstance(anthropic_parse(payload), InvalidRequest | anthropic_messages.MessagesRequest)
+
+
+def anthropic_text(response: httpx.Response, stream: bool) -> tuple[str, str]:
+    """The answer's text and stop reason, its shape checked."""
+    if not stream:
+        body = response.json()
+        assert body["type"] == "message" and body["role"] == "assistant"
+        assert set(body["usage"]) == {"input_tokens", "output_tokens",
+                                      "cache_creation_input_tokens", "cache_read_input_tokens"}
+        return "".join(block["text"] for block in body["content"]), body["stop_reason"]
+    frames = response.text.strip().split("\n\n")
+    events = [(f.split("\n")[0][7:], json.loads(f.split("\n")[1][6:])) for f in frames]
+    names = [name for name, _ in events if name != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    return text, events[-2][1]["delta"]["stop_reason"]
+
+
+@HTTP
+@given(payload=payloads(st.one_of(anthropic_bodies(), anthropic_bodies(),
+                                  almost_anthropic_bodies())))
+def test_any_messages_body_gets_a_message_or_an_anthropic_4xx(
+    live_server: LiveServer, payload: bytes
+) -> None:
+    verdict = anthropic_parse(payload)
+    try:
+        response = live_server.client.post("/v1/messages", content=payload)
+        assert response.headers["request-id"]
+        if isinstance(verdict, InvalidRequest):
+            assert response.status_code == 400, response.text[:500]
+            assert response.json() == {"type": "error", "error": {
+                "type": "invalid_request_error", "message": str(verdict)}}
+            live_server.stdin.check([])  # nothing reached the CLI
+            return
+        sent = json.loads(protocol.user_line(verdict.core.content))["message"]["content"]
+        live_server.stdin.check([sent])
+        assert response.status_code == 200, response.text[:500]
+        text, stop_reason = anthropic_text(response, verdict.core.stream)
+        limiter = verdict.limiter
+        expected = limiter.feed(fake_answer(sent)) + limiter.flush()
+        assert text == json.loads(json.dumps(expected))
+        assert stop_reason == anthropic_messages.stop_of(limiter)[0]
+    except BaseException:
+        live_server.stdin.new_lines()  # a failed example leaves nothing for the next one
+        raise

@@ -165,6 +165,9 @@ def is_model_failure(case: schemathesis.Case, response: schemathesis.Response) -
     if response.status_code != 502 or not isinstance(case.body, dict):
         return False
     response_format = case.body.get("response_format")
+    text = case.body.get("text")  # the Responses API's text.format
+    if response_format is None and isinstance(text, dict):
+        response_format = text.get("format")
     try:
         code = json.loads(response.content)["error"]["code"]
     except (ValueError, KeyError, TypeError):
@@ -205,6 +208,7 @@ DOCUMENT_CHECKS = [
 ]
 API_KEY = "sk-test-openapi-0123"
 CHAT = ("/v1/chat/completions", "POST")
+RESPONSES = ("/v1/responses", "POST")
 
 
 def documented_call(
@@ -247,8 +251,9 @@ def test_error_statuses_are_documented(make_config: Any) -> None:
     bearer = {"Authorization": f"Bearer {API_KEY}"}
     config = make_config(api_keys=(API_KEY,), max_body_bytes=2048)
     with ServerThread(config) as url:
-        for where in (CHAT, ("/v1/models", "GET"), ("/models", "GET")):
-            body = chat_body("hi") if where == CHAT else None
+        for where in (CHAT, RESPONSES, ("/v1/models", "GET"), ("/models", "GET")):
+            body = chat_body("hi") if where == CHAT else (
+                {"input": "hi"} if where == RESPONSES else None)
             documented_call(url, where, 401, body=body)
             documented_call(url, where, 401, body=body, headers={"x-api-key": "wrong-key-123"})
             documented_call(url, where, 200, body=body, headers=bearer)
@@ -267,13 +272,18 @@ def test_error_statuses_are_documented(make_config: Any) -> None:
         structured = {**chat_body("not json " * 40), "response_format": {"type": "json_object"}}
         failed = documented_call(url, CHAT, 502, body=structured, headers=bearer)
         assert failed.json()["error"]["code"] == "invalid_structured_output"
+        documented_call(url, RESPONSES, 400, body={"input": []}, headers=bearer)
+        documented_call(url, RESPONSES, 413, body={"input": "x" * 5000}, headers=bearer)
+        failed = documented_call(url, RESPONSES, 502, body={"input": "FAKE:crash"},
+                                 headers=bearer)
+        assert failed.json()["error"]["code"] == "cli_crashed"
 
     with (
         ServerThread(make_config(max_queue=1)) as url,
         httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as http,
     ):
         validate_component("NotFound", http.get("/v1/embeddings"))
-        validate_component("NotFound", http.post("/v1/responses", json={}))
+        validate_component("NotFound", http.post("/v1/completions", json={}))
         validate_component("MethodNotAllowed", http.get("/v1/chat/completions"))
         validate_component("MethodNotAllowed", http.delete("/v1/models"))
         # One request runs, one waits, the third is refused.

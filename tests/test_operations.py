@@ -225,3 +225,21 @@ async def test_probes_are_open_without_a_key(make_config: Any, path: str) -> Non
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get(path)).status_code in (200, 503)
             assert (await http.get("/v1/models")).status_code == 401
+
+
+async def test_metrics_count_requests_per_endpoint(make_config: Any) -> None:
+    async with running_server(make_config()) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            await http.post("/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "one"}]})
+            for path in ("/v1/responses", "/responses"):
+                await http.post(path, json={"input": "two"})
+            await http.post("/v1/responses", json={"input": ""})  # a 400 counts too
+            await http.get("/v1/models")  # not an endpoint of a dialect
+            values = metric_values((await http.get("/metrics")).text)
+    endpoint = "ccwrap_endpoint_requests_total"
+    assert values[(endpoint, (("endpoint", "chat_completions"),))] == 1
+    assert values[(endpoint, (("endpoint", "responses"),))] == 3
+    assert values[(endpoint, (("endpoint", "messages"),))] == 0
+    assert values[("ccwrap_http_requests_total",
+                   (("route", "/v1/responses"), ("status", "400")))] == 1

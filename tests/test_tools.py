@@ -143,7 +143,7 @@ GOOD_1 = ToolCall("toolu_1", "get_weather", '{"city": "Paris"}')
 def test_calls_are_checked_against_tools_and_tool_choice(
     core: CoreRequest, result: protocol.TurnResult, error: str | None
 ) -> None:
-    _, errors = tool_policy.check(core, result)
+    errors = tool_policy.check(core, result).errors
     if error is None:
         assert errors == []
     else:
@@ -153,7 +153,8 @@ def test_calls_are_checked_against_tools_and_tool_choice(
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     second = ToolCall("t2", "other", "{}")
-    kept, errors = tool_policy.check(request(parallel=False), answer(GOOD, second))
+    verdict = tool_policy.check(request(parallel=False), answer(GOOD, second))
+    kept, errors = verdict.result, verdict.errors
     assert kept.tool_calls == (GOOD,) and errors == []
 
 

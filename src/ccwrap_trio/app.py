@@ -5,6 +5,7 @@ policy in ``supervisor``. Every error leaves here in OpenAI's shape (``openai_ap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import time
@@ -18,7 +19,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, metrics, openai_api
+from . import __version__, anthropic_messages, metrics, openai_api, openai_responses
 from .config import Config
 from .errors import CcwrapError
 from .keys import KeyRing, KeyStatistics
@@ -33,12 +34,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Open without an API key: operators, orchestrators and scrapers poll them. They show counters,
 # memory and request ids, never prompts or answers.
 OPEN_PATHS = frozenset(
-    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history"}
+    {"/health", "/health/live", "/health/ready", "/metrics", "/status", "/status/history",
+     "/api/hello"}
 )
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 # A body left unread can hang a keep-alive connection: routes that read theirs, and the statuses
 # answered before the body is read (auth, routing, size).
-BODY_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions"})
+BODY_ROUTES = frozenset(
+    {"/v1/chat/completions", "/chat/completions", "/v1/responses", "/responses"}
+) | anthropic_messages.PATHS
 UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
@@ -63,7 +67,9 @@ def create_app(
     @app.before_request
     async def identify_and_authenticate() -> Any:
         given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+        # An id that carries a key would publish it (/status/history is open, logs keep it).
+        usable = _REQUEST_ID.match(given) and not keyring.appears_in(given)
+        g.request_id = given if usable else f"req_{uuid.uuid4().hex}"
         g.key_name = None  # the client key's name, once authenticated (never the key)
         if keyring.enabled and request.path not in OPEN_PATHS:
             return _authenticate(keyring)
@@ -72,8 +78,12 @@ def create_app(
     @app.after_request
     async def echo_request_id_and_count(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        if anthropic_messages.owns(request.path):
+            response.headers["request-id"] = g.get("request_id", "")
         rule = request.url_rule
         http_requests.count(rule.rule if rule is not None else "unmatched", response.status_code)
+        if rule is not None and rule.rule in metrics.ENDPOINTS:
+            http_requests.count_endpoint(metrics.ENDPOINTS[rule.rule])
         body_read = rule is not None and rule.rule in BODY_ROUTES
         if _has_body() and (response.status_code in UNREAD_BODY_STATUSES or not body_read):
             # Answered without reading the body: the connection cannot be reused safely.
@@ -83,8 +93,10 @@ def create_app(
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions() -> Any:
-        chat = openai_api.parse_chat_request(
-            await request.get_data(cache=False, as_text=False), default_model=config.model
+        raw = await request.get_data(cache=False, as_text=False)
+        # Off the event loop: a 10 MB body of small objects takes seconds to validate.
+        chat = await trio.to_thread.run_sync(
+            functools.partial(openai_api.parse_chat_request, raw, default_model=config.model)
         )
         if not config.model_allowed(chat.model):
             raise openai_api.model_not_found(chat.model)
@@ -103,6 +115,65 @@ def create_app(
             finish_reason=finish_reason, tool_calls=result.tool_calls,
             legacy_functions=chat.tools.legacy,
         )
+
+    @app.post("/v1/responses")
+    @app.post("/responses")
+    async def responses() -> Any:
+        req = openai_responses.parse_request(
+            await request.get_data(cache=False, as_text=False), default_model=config.model
+        )
+        if not config.model_allowed(req.model):
+            raise openai_api.model_not_found(req.model)
+        if req.stream:
+            handle = supervisor.submit(req.content, request_id=g.request_id, stream=True,
+                                       structured=req.structured, request=req.core,
+                                       key=g.key_name)
+            frames = openai_responses.response_stream(
+                req, handle, keepalive_s=config.stream_keepalive_s
+            )
+            return await _event_stream(frames)
+        result = await supervisor.query(
+            req.content, request_id=g.request_id, structured=req.structured, request=req.core,
+            key=g.key_name,
+        )
+        return openai_responses.response_object(req, result)
+
+    # The Anthropic Messages API (anthropic_messages); ?beta=true and the anthropic-version and
+    # anthropic-beta headers are accepted and change nothing.
+    @app.post("/v1/messages")
+    async def messages() -> Any:
+        body = await request.get_data(cache=False, as_text=False)
+        parsed = anthropic_messages.parse_request(body, default_model=config.model)
+        core = parsed.core
+        if not config.model_allowed(core.model):
+            raise openai_api.model_not_found(core.model)
+        if core.stream:
+            handle = supervisor.submit(core.content, request_id=g.request_id, stream=True,
+                                       structured=core.structured, request=core,
+                                       key=g.key_name)
+            frames = anthropic_messages.message_stream(
+                parsed, handle, keepalive_s=config.stream_keepalive_s
+            )
+            return await _event_stream(frames)
+        result = await supervisor.query(
+            core.content, request_id=g.request_id, structured=core.structured, request=core,
+            key=g.key_name,
+        )
+        return anthropic_messages.message_response(parsed, result)
+
+    @app.route("/api/hello", methods=["GET", "HEAD"])
+    async def hello() -> Any:
+        # The Claude Code CLI's connectivity probe of its ANTHROPIC_BASE_URL.
+        return {"message": "hello"}
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Any:
+        body = await request.get_data(cache=False, as_text=False)
+        parsed = anthropic_messages.parse_request(body, default_model=config.model, counting=True)
+        if not config.model_allowed(parsed.core.model):
+            raise openai_api.model_not_found(parsed.core.model)
+        tokens = anthropic_messages.count_tokens(parsed)
+        return {"input_tokens": tokens}, 200, {anthropic_messages.ESTIMATE_HEADER: "estimate"}
 
     @app.get("/v1/models")
     @app.get("/models")
@@ -170,8 +241,10 @@ def create_app(
     @app.errorhandler(CcwrapError)
     async def ccwrap_error(error: CcwrapError) -> Any:
         body, status, headers = openai_api.error_response(error)
+        if anthropic_messages.owns(request.path):
+            body, status = anthropic_messages.error_response(error)
         if status >= 500:
-            log.warning("request failed with %d: %s request_id=%s", status, error,
+            log.warning("request failed with %d: %s request_id=%s", status, error.log_text(),
                         g.get("request_id", ""))
         return body, status, headers
 
@@ -186,11 +259,18 @@ def create_app(
         }.get(status, error.description or error.name)
         kind = "not_found_error" if status == 404 else "invalid_request_error"
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        if anthropic_messages.owns(request.path):
+            kind = anthropic_messages.HTTP_ERRORS.get(status, "invalid_request_error")
+            return anthropic_messages.error_body(message, type=kind), status
         return openai_api.error_body(message, type=kind, code=code), status
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Any:
         log.exception("[ERROR] Unhandled error request_id=%s", g.get("request_id", ""))
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body(
+                "The server had an error while processing your request.", type="api_error"
+            ), 500
         return openai_api.error_body(
             "The server had an error while processing your request.", type="server_error"
         ), 500
@@ -205,9 +285,15 @@ def _has_body() -> bool:
 
 def _authenticate(keyring: KeyRing) -> Any:
     """None when the request carries a configured key (its name goes to ``g``), else the 401."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    # "Bearer", any whitespace, the key (RFC 9110 allows tabs and runs of spaces).
+    scheme, token = [*request.headers.get("Authorization", "").split(None, 1), "", ""][:2]
     given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not given and scheme.lower() == "basic":
+        return openai_api.error_body(
+            "Basic authentication is not supported. Send the API key as "
+            "'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            type="invalid_request_error", code="invalid_api_key",
+        ), 401
     if given:
         # Compared with every key, always: the time taken says nothing about which one is close.
         key = keyring.match(given)
@@ -215,18 +301,27 @@ def _authenticate(keyring: KeyRing) -> Any:
             g.key_name = key.name
             return None
         message = "Incorrect API key provided."
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body("invalid x-api-key",
+                                                 type="authentication_error"), 401
     else:
         message = (
             "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' "
             "or 'x-api-key: <key>'."
         )
+        if anthropic_messages.owns(request.path):
+            return anthropic_messages.error_body(message, type="authentication_error"), 401
     return openai_api.error_body(message, type="invalid_request_error", code="invalid_api_key"), 401
 
 
 async def _streaming_response(
     chat: openai_api.ChatRequest, handle: QueryHandle, keepalive_s: float
 ) -> Response:
-    frames = completion_stream(chat, handle, keepalive_s=keepalive_s)
+    return await _event_stream(completion_stream(chat, handle, keepalive_s=keepalive_s))
+
+
+async def _event_stream(frames: AsyncIterator[bytes]) -> Response:
+    """An SSE response whose body is ``frames``, started here (its first frame awaited)."""
     # Started here: a failure before the first frame is still a plain HTTP error.
     first = await frames.__anext__()
     response = Response(_prepend(first, frames), content_type="text/event-stream")

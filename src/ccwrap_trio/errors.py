@@ -12,6 +12,10 @@ class CcwrapError(Exception):
 
     retry_after_s: float | None = None
 
+    def log_text(self) -> str:
+        """The message for the logs: never client or model content (``str`` may quote some)."""
+        return str(self)
+
 
 class ConfigError(CcwrapError):
     """A setting has a value it does not accept."""
@@ -24,6 +28,14 @@ class InvalidRequest(CcwrapError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields survive pickling (a parse run in a worker process or thread pool).
+        return _invalid_request, (str(self), self.param, self.code)
+
+
+def _invalid_request(message: str, param: str | None, code: str | None) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
 
 
 class QueueFull(CcwrapError):
@@ -120,7 +132,19 @@ class EmptyResponse(CcwrapError):
     """The CLI answered with no text, even after one retry."""
 
 
-class InvalidStructuredOutput(CcwrapError):
+class QuotesModelOutput(CcwrapError):
+    """An error whose message quotes the model's answer for the client; the logs get
+    ``log_text``, paths and keywords only."""
+
+    def __init__(self, message: str, *, log_text: str) -> None:
+        super().__init__(message)
+        self._log_text = log_text
+
+    def log_text(self) -> str:
+        return self._log_text
+
+
+class InvalidStructuredOutput(QuotesModelOutput):
     """The answer did not validate against the requested schema, even after repair turns."""
 
 
@@ -128,7 +152,7 @@ class InternalError(CcwrapError):
     """A bug: something failed that should not have. Logged with its traceback."""
 
 
-class InvalidToolCall(CcwrapError):
+class InvalidToolCall(QuotesModelOutput):
     """The model's tool calls did not fit the request's tools or tool_choice, even after repairs."""
 
 

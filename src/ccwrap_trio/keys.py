@@ -107,6 +107,14 @@ class KeyRing:
                 found = key
         return found
 
+    def appears_in(self, text: str) -> bool:
+        """Whether ``text`` holds a key, or is a piece of one (8 characters or more)."""
+        given = text.encode()
+        return any(
+            key.secret.encode() in given or (len(given) >= 8 and given in key.secret.encode())
+            for key in self._keys
+        )
+
     def reload(self) -> None:
         """Read the key file again; on an error keep the keys there are (and say so)."""
         if self._file is None:

@@ -28,6 +28,12 @@ from .supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RESTART_REASONS = ("proactive", "hard", "memory", "crash", "timeout")
+# API route -> the endpoint label of ccwrap_endpoint_requests_total (one name per dialect).
+ENDPOINTS = {
+    "/v1/chat/completions": "chat_completions", "/chat/completions": "chat_completions",
+    "/v1/responses": "responses", "/responses": "responses",
+    "/v1/messages": "messages",
+}
 
 
 class HttpRequests:
@@ -35,9 +41,14 @@ class HttpRequests:
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
+        # Every endpoint is listed from the start: a dashboard sees 0, not a missing series.
+        self.endpoints: Counter[str] = Counter(dict.fromkeys(ENDPOINTS.values(), 0))
 
     def count(self, route: str, status: int) -> None:
         self.counts[(route, str(status))] += 1
+
+    def count_endpoint(self, endpoint: str) -> None:
+        self.endpoints[endpoint] += 1
 
 
 class SnapshotCollector(Collector):
@@ -65,6 +76,14 @@ class SnapshotCollector(Collector):
         for (route, status), count in sorted(self._http.counts.items()):
             http.add_metric([route, status], count)
         yield http
+
+        endpoints = CounterMetricFamily(
+            "ccwrap_endpoint_requests", "API requests by endpoint (dialect), any status.",
+            labels=["endpoint"],
+        )
+        for endpoint, count in sorted(self._http.endpoints.items()):
+            endpoints.add_metric([endpoint], count)
+        yield endpoints
 
         outcomes = CounterMetricFamily(
             "ccwrap_requests", "Completion requests by outcome.", labels=["outcome"]

@@ -40,7 +40,7 @@ from .errors import (
     UsageLimitReached,
 )
 from .protocol import Usage
-from .structured import StructuredOutput
+from .structured import QUOTE_CHARS, StructuredOutput
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # The CLI's model aliases (PROTOCOL.md); listed by /v1/models beside the configured model.
@@ -64,6 +64,8 @@ UNSUPPORTED = {
 NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 Content = str | list[dict[str, Any]]
+# Echoed in every chunk of a stream: bounded so a request cannot amplify itself.
+MAX_MODEL_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,11 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
     model = data.get("model") if data.get("model") is not None else default_model
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        # Every response and every SSE chunk echoes it: a long name multiplies the output.
+        raise InvalidRequest(
+            f"'model' is longer than {MAX_MODEL_CHARS} characters.", param="model"
+        )
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
@@ -130,10 +137,10 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         raise InvalidRequest("Every message in 'messages' is empty.", param="messages")
     content = render_prompt(turns)
     if structured is not None:
-        content = _append_text(content, structured.instruction())
+        content = append_text(content, structured.instruction())
     core = CoreRequest(content, model, tools.tools, tools.choice, tools.parallel)
     if (wanted := tool_policy.instruction(core)) is not None:
-        content = _append_text(content, wanted)
+        content = append_text(content, wanted)
     return ChatRequest(
         model=model,
         content=content,
@@ -221,7 +228,7 @@ def _message(index: int, message: Any, call_ids: set[str]) -> tuple[str, list[Pa
     role = message.get("role")
     if role not in ROLES:
         raise InvalidRequest(
-            f"'{param}.role' must be one of {', '.join(ROLES)}; got {role!r}.",
+            f"'{param}.role' must be one of {', '.join(ROLES)}; got {_quote(role)}.",
             param=f"{param}.role",
         )
     if role in ("tool", "function"):
@@ -267,10 +274,10 @@ def _content(param: str, content: Any, role: str) -> list[Part]:
             else:
                 parts.append(text)
         elif kind == "image_url" and role == "user":
-            parts.append(_image(part_param, part.get("image_url")))
+            parts.append(image_part(part_param, part.get("image_url")))
         else:
             raise InvalidRequest(
-                f"'{part_param}.type' {kind!r} is not supported here; 'text' parts are, and "
+                f"'{part_param}.type' {_quote(kind)} is not supported here; 'text' parts are, and "
                 "'image_url' parts with data: URLs in user messages.",
                 param=f"{part_param}.type",
                 code="unsupported",
@@ -278,7 +285,14 @@ def _content(param: str, content: Any, role: str) -> list[Part]:
     return parts
 
 
-def _image(param: str, image_url: Any) -> dict[str, Any]:
+def _quote(value: Any) -> str:
+    """A client value quoted in an error message, cut short: messages never amplify input."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
+def image_part(param: str, image_url: Any) -> dict[str, Any]:
+    """A data: URL image (``image_url`` or its ``url``) as a Messages API image block."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     param = f"{param}.image_url.url"
     if not isinstance(url, str):
@@ -344,7 +358,8 @@ def _blocks(parts: list[Part]) -> Content:
     return blocks  # every text is neutralized on its way into the turn (protocol.user_line)
 
 
-def _append_text(content: Content, text: str) -> Content:
+def append_text(content: Content, text: str) -> Content:
+    """``content`` with ``text`` added at the end, as its own paragraph."""
     if isinstance(content, str):
         return f"{content}\n\n{text}"
     return [*content, {"type": "text", "text": f"\n\n{text}"}]
@@ -361,6 +376,7 @@ class AnswerLimiter:
     stop: tuple[str, ...] = ()
     max_chars: int | None = None
     finish_reason: str | None = None  # set when the answer was cut: "stop" or "length"
+    stop_sequence: str | None = None  # the stop sequence that cut it
     _held: str = ""
     _sent: int = field(default=0)
 
@@ -372,6 +388,7 @@ class AnswerLimiter:
         cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self._held = ""
+            self.stop_sequence = next(s for s in self.stop if pending.find(s) == cut)
             return self._budget(pending[:cut], reason="stop")
         hold = max((_overlap(pending, s) for s in self.stop), default=0)
         self._held = pending[len(pending) - hold :] if hold else ""

@@ -147,17 +147,17 @@ def assistant_calls(param: str, message: dict[str, Any]) -> tuple[list[str], lis
                     param=here,
                 )
             ids.append(call["id"])
-            parts.append(_call_text(call["id"], function["name"], function.get("arguments", "")))
+            parts.append(call_text(call["id"], function["name"], function.get("arguments", "")))
     legacy = message.get("function_call")
     if legacy is not None:
         if not isinstance(legacy, dict) or not isinstance(legacy.get("name"), str):
             raise InvalidRequest(f"'{param}.function_call' must be an object with a 'name'.",
                                  param=f"{param}.function_call")
-        parts.append(_call_text(None, legacy["name"], str(legacy.get("arguments", ""))))
+        parts.append(call_text(None, legacy["name"], str(legacy.get("arguments", ""))))
     return parts, ids
 
 
-def _call_text(call_id: str | None, name: str, arguments: str) -> str:
+def call_text(call_id: str | None, name: str, arguments: str) -> str:
     # Ids, names and arguments are client text like any other: neutralized with the whole turn
     # (protocol.user_line).
     label = f' id="{call_id}"' if call_id is not None else ""

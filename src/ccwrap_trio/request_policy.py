@@ -165,28 +165,34 @@ class RequestRunner:
         usage = result.usage
         repairs = self._config.schema_repairs
         for attempt in range(repairs + 1):
-            result, errors = tool_policy.check(request, result)
-            if not errors:
+            # Off the event loop: the argument schemas are client input.
+            verdict = await trio.to_thread.run_sync(tool_policy.check, request, result)
+            result = verdict.result
+            if not verdict.errors:
                 return dataclasses.replace(result, usage=usage)
             if attempt == repairs or query.stream:
                 # A streamed answer was sent as it came: it cannot be taken back and repaired.
                 break
             self._counters.schema_repairs += 1
+            # Paths and keywords only: the arguments are model output.
             log.warning(
                 "[WARN] Tool call invalid, repair %d/%d: %s request_id=%s",
-                attempt + 1, repairs, "; ".join(errors)[:300], query.request_id,
+                attempt + 1, repairs, "; ".join(verdict.log_errors)[:300], query.request_id,
             )
-            result = await session.ask(tool_policy.repair_prompt(request, errors))
+            result = await session.ask(tool_policy.repair_prompt(request, verdict.errors))
             self._check(result)
             usage = usage + result.usage
         self._counters.schema_failures += 1
+        done = 0 if query.stream else repairs
+        summary = "; ".join(verdict.log_errors)[:300]
         log.error(
             "[ERROR] Tool call invalid after %d repairs: %s request_id=%s",
-            0 if query.stream else repairs, "; ".join(errors)[:300], query.request_id,
+            done, summary, query.request_id,
         )
         raise InvalidToolCall(
-            f"the model's answer did not fit the request's tools after "
-            f"{0 if query.stream else repairs} repair turns: {'; '.join(errors)[:500]}"
+            f"the model's answer did not fit the request's tools after {done} repair turns: "
+            f"{'; '.join(verdict.errors)[:500]}",
+            log_text=f"the answer did not fit the tools after {done} repair turns: {summary}",
         )
 
     async def _ask(
@@ -226,28 +232,32 @@ class RequestRunner:
         usage = result.usage
         repairs = self._config.schema_repairs
         for attempt in range(repairs + 1):
-            content, errors = structured.check(result.text)
-            if content is not None:
-                return dataclasses.replace(result, text=content, usage=usage)
-            if attempt == repairs:
+            # Off the event loop: the schema and (through the prompt) the answer are client input.
+            verdict = await trio.to_thread.run_sync(structured.verify, result.text)
+            if verdict.content is not None:
+                return dataclasses.replace(result, text=verdict.content, usage=usage)
+            if attempt == repairs or not verdict.repairable:
                 break
             self._counters.schema_repairs += 1
+            # Paths and keywords only: the values are model output (CCWRAP_LOG_PROMPTS logs those).
             log.warning(
                 "[WARN] Structured output invalid, repair %d/%d: %s request_id=%s",
-                attempt + 1, repairs, "; ".join(errors)[:300], query.request_id,
+                attempt + 1, repairs, "; ".join(verdict.log_errors)[:300], query.request_id,
             )
             # No /clear before it: the model must see its own invalid answer.
-            result = await session.ask(structured.repair_prompt(errors))
+            result = await session.ask(structured.repair_prompt(verdict.errors))
             self._check(result)
             usage = usage + result.usage
         self._counters.schema_failures += 1
+        summary = "; ".join(verdict.log_errors)[:300]
         log.error(
             "[ERROR] Structured output invalid after %d repairs: %s request_id=%s",
-            repairs, "; ".join(errors)[:300], query.request_id,
+            attempt, summary, query.request_id,
         )
         raise InvalidStructuredOutput(
-            f"the answer did not validate against the requested schema after {repairs} "
-            f"repair turns: {'; '.join(errors)[:500]}"
+            f"the answer did not validate against the requested schema after {attempt} "
+            f"repair turns: {'; '.join(verdict.errors)[:500]}",
+            log_text=f"the answer did not validate after {attempt} repair turns: {summary}",
         )
 
     def _check(self, result: protocol.TurnResult) -> None:

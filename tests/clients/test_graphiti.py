@@ -29,6 +29,7 @@ import httpx
 import jsonschema
 import pytest
 import trio
+from openai.lib._pydantic import to_strict_json_schema
 
 from ..conftest import real_stack
 
@@ -39,6 +40,7 @@ with warnings.catch_warnings():
     # warns at import; the suite turns warnings into errors.
     warnings.filterwarnings("ignore", message=r".*class-based `config` is deprecated")
     from graphiti_core.llm_client.config import LLMConfig
+    from graphiti_core.llm_client.openai_client import OpenAIClient
     from graphiti_core.llm_client.openai_generic_client import OpenAIGenericClient
     from graphiti_core.prompts import Message, prompt_library
     from graphiti_core.prompts.extract_nodes import ExtractedEntities
@@ -77,14 +79,21 @@ def extraction_messages(*, suffix: str = "") -> list[Message]:
     return messages
 
 
-def graphiti_extract(base_url: str, messages: list[Message]) -> dict[str, Any]:
-    """Run Graphiti's ``generate_response`` on its own asyncio loop (call in a worker thread)."""
+def graphiti_extract(
+    base_url: str, messages: list[Message], default_client: bool = False
+) -> dict[str, Any]:
+    """Run Graphiti's ``generate_response`` on its own asyncio loop (call in a worker thread).
+
+    ``default_client``: Graphiti's default ``OpenAIClient`` (``responses.parse``, the Responses
+    API) instead of ``OpenAIGenericClient`` (Chat Completions).
+    """
 
     async def main() -> dict[str, Any]:
-        client = OpenAIGenericClient(
-            config=LLMConfig(
-                api_key="unused", base_url=f"{base_url}/v1", model="haiku", small_model="haiku"
-            )
+        config = LLMConfig(
+            api_key="unused", base_url=f"{base_url}/v1", model="haiku", small_model="haiku"
+        )
+        client = OpenAIClient(config=config) if default_client else OpenAIGenericClient(
+            config=config
         )
         try:
             return await client.generate_response(
@@ -98,10 +107,12 @@ def graphiti_extract(base_url: str, messages: list[Message]) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-async def extract(base_url: str, messages: list[Message]) -> dict[str, Any]:
+async def extract(
+    base_url: str, messages: list[Message], *, default_client: bool = False
+) -> dict[str, Any]:
     with trio.fail_after(CALL_TIMEOUT_S):
         return await trio.to_thread.run_sync(
-            graphiti_extract, base_url, messages, abandon_on_cancel=True
+            graphiti_extract, base_url, messages, default_client, abandon_on_cancel=True
         )
 
 
@@ -126,7 +137,7 @@ def role_text(call_body: dict[str, Any], role: str = "user") -> str:
     return "\n".join(texts)
 
 
-def assert_carries_schema(call_body: dict[str, Any]) -> None:
+def assert_carries_schema(call_body: dict[str, Any], schema: dict[str, Any] = SCHEMA) -> None:
     text = role_text(call_body)
     assert "```json-schema" in text, text[-2000:]
     fenced = text.split("```json-schema", 1)[1].split("```", 1)[0]
@@ -140,7 +151,7 @@ def assert_carries_schema(call_body: dict[str, Any]) -> None:
     ]
     for probe in probes:
         assert jsonschema.Draft202012Validator(sent).is_valid(probe) == (
-            jsonschema.Draft202012Validator(SCHEMA).is_valid(probe)
+            jsonschema.Draft202012Validator(schema).is_valid(probe)
         ), probe
 
 
@@ -186,4 +197,26 @@ async def test_graphiti_gets_a_server_repaired_answer(tmp_path: Path) -> None:
     assert result == json.loads(last.reply)
     assert stats["schema_repairs"] >= 1
     assert stats["total_requests"] == 1  # the repair is the server's: Graphiti did not retry
+    assert stats["successes"] == 1
+
+
+@pytest.mark.parametrize("suffix", ["", "\n[standin:invalid-first]"], ids=["valid", "repaired"])
+async def test_graphiti_default_client_over_the_responses_api(tmp_path: Path, suffix: str) -> None:
+    """Graphiti's default ``OpenAIClient`` calls ``responses.parse``: it gets a validated dict."""
+    messages = extraction_messages(suffix=suffix)
+    async with real_stack(tmp_path) as (url, standin, _):
+        result = await extract(url, copy.deepcopy(messages), default_client=True)
+        stats = (await health(url))["stats"]
+        calls = list(standin.calls)
+
+    entities = ExtractedEntities.model_validate(result)
+    assert entities.extracted_entities, result
+    # responses.parse sends the strict form of the model's schema (all fields required)
+    assert_carries_schema(calls[0].body, to_strict_json_schema(ExtractedEntities))
+    sent = json.dumps(calls[0].body)
+    assert "entity extraction specialist" in sent and "Belmont Arts Center" in sent
+    assert result == json.loads(calls[-1].reply)
+    assert len(calls) == (2 if suffix else 1), [call.reply for call in calls]
+    assert stats["schema_repairs"] == (1 if suffix else 0)
+    assert stats["total_requests"] == 1  # a repair is the server's: Graphiti did not retry
     assert stats["successes"] == 1
