@@ -49,7 +49,7 @@ def derived_name(secret: str) -> str:
     return f"key-{hashlib.sha256(secret.encode()).hexdigest()[:8]}"
 
 
-def parse_keys(entries: Iterable[str]) -> tuple[ApiKey, ...]:
+def parse_keys(entries: Iterable[str], *, min_chars: int = MIN_KEY_CHARS) -> tuple[ApiKey, ...]:
     """``name:key`` entries or plain keys; raises ValueError that never quotes a secret."""
     keys: list[ApiKey] = []
     for raw in entries:
@@ -60,8 +60,8 @@ def parse_keys(entries: Iterable[str]) -> tuple[ApiKey, ...]:
         if not sep or not NAME.match(name):
             # No name (or something that is not one: a key may hold ':' itself).
             name, secret = derived_name(entry), entry
-        if len(secret) < MIN_KEY_CHARS:
-            raise ValueError(f"the key named {name!r} is shorter than {MIN_KEY_CHARS} characters")
+        if len(secret) < min_chars:
+            raise ValueError(f"the key named {name!r} is shorter than {min_chars} characters")
         if any(key.name == name for key in keys):
             raise ValueError(f"two keys are named {name!r}")
         keys.append(ApiKey(name, secret))
@@ -84,7 +84,8 @@ class KeyRing:
     """
 
     def __init__(self, entries: Iterable[str] = (), file: Path | None = None) -> None:
-        self._fixed = parse_keys(entries)
+        # CCWRAP_API_KEYS was checked by Config.load; a Config built in code is taken as it is.
+        self._fixed = parse_keys(entries, min_chars=1)
         self._file = file
         self._keys = self._fixed + (read_key_file(file) if file is not None else ())
 
