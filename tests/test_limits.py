@@ -130,3 +130,37 @@ def test_statuses_keep_their_meaning(status: int, kind: type[CliError]) -> None:
     state.observe(protocol.TurnResult(text="ok", is_error=False, subtype="success",
                                       usage=protocol.Usage()))
     assert state.login_error is None
+
+
+@pytest.mark.parametrize("line", [
+    '{"type":"rate_limit_event"}',
+    '{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1e400}}',
+    '{"type":"rate_limit_event","rate_limit_info":{"resetsAt":NaN,"unifiedWindows":'
+    '{"five_hour":{"utilization":"x","resetsAt":-1},"seven_day":[]}}}',
+    '{"type":"system","subtype":"api_retry","retry_delay_ms":-5,"error_status":"x"}',
+])
+def test_odd_limit_lines_parse_without_raising(line: str) -> None:
+    event = protocol.parse_line(line)
+    assert isinstance(event, protocol.RateLimit | protocol.ApiRetry)
+    if isinstance(event, protocol.RateLimit):
+        state = UpstreamState(Clock(0.0))
+        state.observe(protocol.TurnResult("", False, "success", protocol.Usage(),
+                                          rate_limits=(event,)))
+        # A rejection with no usable reset time blocks, with a Retry-After of its own.
+        blocked = state.blocking()
+        assert blocked is None or blocked.retry_after_s >= 1
+
+
+def test_a_rejection_without_a_reset_time_blocks_only_a_while() -> None:
+    clock = Clock(1000.0)
+    state = UpstreamState(clock)
+    event = protocol.parse_line('{"type":"rate_limit_event","rate_limit_info":'
+                                '{"status":"rejected","rateLimitType":"seven_day"}}')
+    assert isinstance(event, protocol.RateLimit)
+    state.observe(protocol.TurnResult("", True, "success", protocol.Usage(),
+                                      rate_limits=(event,)))
+    blocked = state.blocking()
+    assert blocked is not None and blocked.resets_at is None and blocked.retry_after_s == 60
+    assert "did not say when it resets" in str(blocked) and "weekly" in str(blocked)
+    clock.now += 60
+    assert state.blocking() is None

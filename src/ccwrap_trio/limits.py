@@ -59,6 +59,7 @@ class Window:
     status: str
     utilization: float | None
     resets_at: int | None
+    reset_known: bool = True  # False: the CLI gave no reset time; resets_at is our guess
 
     def rejected(self, now: float) -> bool:
         """Used up now: rejected and its reset still ahead (or not known)."""
@@ -104,9 +105,13 @@ class UpstreamState:
         windows = list(event.windows) or [protocol.RateLimitWindow(
             event.window, event.status, event.utilization, event.resets_at)]
         for reported in windows:
-            window = Window(reported.name, reported.status, reported.utilization,
-                            reported.resets_at if reported.resets_at is not None
-                            else event.resets_at if reported.name == event.window else None)
+            resets_at = reported.resets_at if reported.resets_at is not None else (
+                event.resets_at if reported.name == event.window else None)
+            window = Window(reported.name, reported.status, reported.utilization, resets_at)
+            if window.status == "rejected" and resets_at is None:
+                # Never blocked for good on a missing time: a request tries again in a while.
+                window = Window(window.name, window.status, window.utilization,
+                                math.ceil(self._clock() + UNKNOWN_RESET_RETRY_S), False)
             before = self._windows.get(window.name)
             self._windows[window.name] = window
             key = (window.name, window.resets_at)
@@ -135,7 +140,9 @@ class UpstreamState:
             return None
         # Service comes back when the last used-up window resets.
         window = max(used_up, key=lambda w: math.inf if w.resets_at is None else w.resets_at)
-        return usage_limit_error(window.name, window.resets_at, now)
+        return usage_limit_error(window.name, window.resets_at if window.reset_known else None,
+                                 now, retry_after_s=None if window.reset_known or
+                                 window.resets_at is None else window.resets_at - now)
 
     def snapshot(self) -> LimitsSnapshot:
         now = self._clock()
@@ -181,14 +188,17 @@ class UpstreamState:
         return CliError(message, api_error_status=status)
 
 
-def usage_limit_error(window: str, resets_at: int | None, now: float) -> UsageLimitReached:
+def usage_limit_error(
+    window: str, resets_at: int | None, now: float, *, retry_after_s: float | None = None
+) -> UsageLimitReached:
     """The 429 for a used-up window: names the window and its reset time."""
     name = window_name(window)
     if resets_at is None:
+        wait_s = max(1.0, math.ceil(retry_after_s or UNKNOWN_RESET_RETRY_S))
         return UsageLimitReached(
             f"The Claude subscription's {name} usage limit is reached; the CLI did not say "
-            "when it resets.",
-            window=window, resets_at=None, retry_after_s=UNKNOWN_RESET_RETRY_S,
+            f"when it resets. Retry in {wait_s:g}s.",
+            window=window, resets_at=None, retry_after_s=wait_s,
         )
     wait_s = max(1.0, math.ceil(resets_at - now))
     return UsageLimitReached(

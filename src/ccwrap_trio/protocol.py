@@ -7,6 +7,7 @@ know are reported as ``Other`` and skipped by the session: new CLI versions add 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,13 +378,16 @@ def _status(value: Any, info: dict[str, Any]) -> str:
 
 
 def _fraction(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
         return float(value)
     return None
 
 
 def _epoch(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    # JSON numbers can be huge (1e400 parses as inf): only a real time is one.
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**40:
+        return int(value)
+    return None
 
 
 def _count(value: Any) -> int:
