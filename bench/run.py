@@ -8,8 +8,8 @@
    Quart-Trio endpoint on the same Hypercorn (bench/floor_app.py). Target: p50 within 2 ms.
 2. Warm versus spawn: ccwrap-trio over the real CLI against a spawn-per-request server
    (bench/spawn_server.py), both against the stand-in API answering at once. Target: 8x.
-3. Restarts in the request path: CCWRAP_TURN_LIMIT=10 with the standby, without it, and a turn
-   limit that never triggers; real CLI, sequential requests. Target: standby p99 <= 1.2x.
+3. Restarts in the request path: CCWRAP_SESSION_MAX_REQUESTS=8 with the standby, without it,
+   and a lifetime that never ends; real CLI, sequential requests. Target: standby p99 <= 1.2x.
 4. Pool scaling: requests/s with CCWRAP_SESSIONS=1, 2, 4, stand-in latency 200 ms, 8 clients.
    Target: 1.8x at 2, 3x at 4.
 5. Memory: server RSS idle and after 2,000 requests (instant fake CLI), CLI RSS per session and
@@ -535,10 +535,10 @@ def comparison_1(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
     variants: dict[str, tuple[str, dict[str, Any]]] = {
         "ccwrap-clear": ("isolation=clear (default settings)", {}),
         "ccwrap-none": ("isolation=none", {"isolation": "none"}),
-        "ccwrap-clear-norestart": ("isolation=clear, no restarts (TURN_LIMIT=100000)",
-                                   {"turn_limit": 100000}),
-        "ccwrap-none-norestart": ("isolation=none, no restarts (TURN_LIMIT=100000)",
-                                  {"isolation": "none", "turn_limit": 100000}),
+        "ccwrap-clear-norestart": ("isolation=clear, no restarts (SESSION_MAX_REQUESTS=100000)",
+                                   {"session_max_requests": 100000}),
+        "ccwrap-none-norestart": ("isolation=none, no restarts (SESSION_MAX_REQUESTS=100000)",
+                                  {"isolation": "none", "session_max_requests": 100000}),
     }
     ccwraps = [bench.ccwrap(name, real=False, **settings)
                for name, (_, settings) in variants.items()]
@@ -576,7 +576,7 @@ def comparison_2(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
     standin = bench.standin(0.0)
     warm = bench.ccwrap("ccwrap-warm", real=True, standin=standin)
     # The same without restarts (and no standby): the wrapper's own cost over the CLI's turn.
-    steady = bench.ccwrap("ccwrap-steady", real=True, standin=standin, turn_limit=100000,
+    steady = bench.ccwrap("ccwrap-steady", real=True, standin=standin, session_max_requests=100000,
                           standby=0)
     spawn = bench.spawn_server(standin)
     workdir = bench.scratch / "direct-work"
@@ -606,7 +606,8 @@ def comparison_2(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
         "ccwrap p50 >= 8x lower", verdict_at_least(ratio, 8.0, "x"),
     ))
     rows.append(Row(
-        "2. (reference) ccwrap-trio, default settings and without restarts (TURN_LIMIT=100000, "
+        "2. (reference) ccwrap-trio, default settings and without restarts "
+        "(SESSION_MAX_REQUESTS=100000, "
         "no standby), vs the same CLI session driven over its pipes directly (no HTTP)",
         lat_cell("default", w) + "; " + lat_cell("no restarts", st), lat_cell("CLI alone", d),
         f"default {(w['p50'] - d['p50']) * 1000:+.1f} ms p50, no restarts "
@@ -619,9 +620,12 @@ def comparison_2(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
 def comparison_3(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
     sizes = bench.sizes
     standin = bench.standin(0.0)
-    on = bench.ccwrap("ccwrap-standby", real=True, standin=standin, turn_limit=10, standby=1)
-    off = bench.ccwrap("ccwrap-nostandby", real=True, standin=standin, turn_limit=10, standby=0)
-    never = bench.ccwrap("ccwrap-norestart", real=True, standin=standin, turn_limit=100000)
+    on = bench.ccwrap("ccwrap-standby", real=True, standin=standin,
+                      session_max_requests=8, standby=1)
+    off = bench.ccwrap("ccwrap-nostandby", real=True, standin=standin,
+                       session_max_requests=8, standby=0)
+    never = bench.ccwrap("ccwrap-norestart", real=True, standin=standin,
+                         session_max_requests=100000)
     servers = [on, off, never]
     budget = Budget(sizes.time_budget_s * 1.5)
     cpu: dict[str, float] = {}
@@ -646,7 +650,7 @@ def comparison_3(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
             * 1000,
         }
         if server is not never:
-            # TURN_LIMIT=10 restarts at 80%: every 8th request is a new session's first turn.
+            # SESSION_MAX_REQUESTS=8: every 9th request is a new session's first turn.
             values = lat[server.name]
             first = [values[k] for k in range(8, len(values), 8)]
             rest = [v for k, v in enumerate(values) if k < 8 or k % 8]
@@ -660,7 +664,7 @@ def comparison_3(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
         ratio = s["p99"] / n["p99"]
         gaps = info["restart_gaps_s"]
         rows.append(Row(
-            f"3. restarts in the path, TURN_LIMIT=10, {label}, vs no restarts "
+            f"3. restarts in the path, SESSION_MAX_REQUESTS=8, {label}, vs no restarts "
             f"(sequential, real CLI)",
             lat_cell(label, s) + f"; {info['restarts']} restarts, {info['waits_client']} "
             f"requests slower than the no-restart p50 + 150 ms; worker without a session at a "
@@ -691,7 +695,7 @@ def comparison_4(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
     servers = {
         (n, restarts): bench.ccwrap(
             f"ccwrap-pool{n}" + ("" if restarts else "-norestart"), real=True, standin=standin,
-            sessions=n, **({} if restarts else {"turn_limit": 100000}),
+            sessions=n, **({} if restarts else {"session_max_requests": 100000}),
         )
         for n, restarts in keys
     }
@@ -744,7 +748,7 @@ def comparison_4(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
             key = (n, with_restarts)
             ratio = statistics.median(throughput[key]) / base
             label = "default settings (turn limit 10)" if with_restarts else \
-                "no restarts (TURN_LIMIT=100000), diagnostic"
+                "no restarts (SESSION_MAX_REQUESTS=100000), diagnostic"
             rows.append(Row(
                 f"4. pool scaling, CCWRAP_SESSIONS={n} vs 1, {label} ({sizes.pool_clients} "
                 f"clients, {sizes.pool_requests} requests x {len(throughput[key])} rounds, "
@@ -857,7 +861,7 @@ def comparison_5(bench: Bench, rows: list[Row], raw: dict[str, Any]) -> None:
 
     # A long-lived session (turn limit never reached): the CLI's own growth over turns.
     long = bench.ccwrap("ccwrap-memory-long", real=True, standin=standin,
-                        turn_limit=100000, standby=0)
+                        session_max_requests=100000, standby=0)
     long_pid = long.health()["sessions"][0]["pid"]
     long_start = long.cli_rss_mb()[long_pid]
     budget = Budget(sizes.time_budget_s)
@@ -927,7 +931,8 @@ def chart(raw: dict[str, Any], path: Path) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.4), squeeze=False)
     titles = {
         "2": "2. warm session vs spawn per request\n(real CLI, stand-in API at 0 ms)",
-        "3": "3. restarts in the request path, sequential\n(real CLI, CCWRAP_TURN_LIMIT=10)",
+        "3": "3. restarts in the request path, sequential\n"
+             "(real CLI, CCWRAP_SESSION_MAX_REQUESTS=8)",
     }
     labels = {
         "ccwrap-warm": "ccwrap-trio (warm)", "spawn-server": "spawn per request",

@@ -1,10 +1,10 @@
 """The core acceptance checks, as a new user would try them, on real processes.
 
 Starts the stand-in Anthropic API and `ccwrap-trio serve` over the REAL Claude Code CLI (all on
-127.0.0.1), then: 20 rapid requests through the `openai` SDK with CCWRAP_TURN_LIMIT=10 (each must
-answer its own prompt; restart_count must grow by 2; the server's RSS must stay under 100 MB), a
-hung API turn (504 within CCWRAP_QUERY_TIMEOUT + 5 s, /health fast meanwhile, the next request
-answered). Prints the figures; exits 1 if a check fails.
+127.0.0.1), then: 20 rapid requests through the `openai` SDK with
+CCWRAP_SESSION_MAX_REQUESTS=8 (each must answer its own prompt; restart_count must grow by 2;
+the server's RSS must stay under 100 MB), a hung API turn (504 within CCWRAP_QUERY_TIMEOUT + 5 s,
+/health fast meanwhile, the next request answered). Prints the figures; exits 1 if a check fails.
 
     .venv/bin/python scripts/acceptance.py [--standby 0|1]
 """
@@ -60,7 +60,7 @@ def main() -> int:
         **os.environ, "HOME": tempfile.mkdtemp(prefix="ccwrap-acceptance-"),
         "ANTHROPIC_BASE_URL": standin_url, "ANTHROPIC_API_KEY": "sk-standin",
         "CCWRAP_FORWARD_API_KEY": "1", "CCWRAP_CLAUDE_BIN": str(CLAUDE), "CCWRAP_PORT": str(port),
-        "CCWRAP_TURN_LIMIT": "10", "CCWRAP_QUERY_TIMEOUT": str(QUERY_TIMEOUT_S),
+        "CCWRAP_SESSION_MAX_REQUESTS": "8", "CCWRAP_QUERY_TIMEOUT": str(QUERY_TIMEOUT_S),
         "CCWRAP_STANDBY": args.standby, "CCWRAP_MEMORY_SAMPLE_INTERVAL": "1",
     }
     server = subprocess.Popen(

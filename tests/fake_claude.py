@@ -8,7 +8,8 @@ from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores int
 ``FAKE:tokens=N``, ``FAKE:hang-after=N`` (N deltas, then silence until interrupted),
 ``FAKE:big=BYTES`` (one answer line of that size), ``FAKE:stream-big=BYTES`` (an answer of that
 size in 1,000-byte deltas), ``FAKE:hang-next-clear`` (the next ``/clear`` is never answered),
-``FAKE:close-stdout`` (closes stdout, lives on). Every stdin line is appended to FAKE_CLAUDE_LOG
+``FAKE:close-stdout`` (closes stdout, lives on), ``FAKE:cut-stream`` (the stream breaks off
+after 3 words and the result says that was all). Every stdin line is appended to FAKE_CLAUDE_LOG
 when set. The answer is ``echo: <text>``, streamed in one delta per word.
 """
 
@@ -42,6 +43,13 @@ def init() -> None:
 def usage(input_tokens: int, output_tokens: int) -> dict:
     return {"input_tokens": input_tokens, "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 100, "output_tokens": output_tokens}
+
+
+def message_end() -> None:
+    """The API stream's last events, as the real CLI relays them: the message is complete."""
+    emit({"type": "stream_event", "event": {"type": "message_delta", "delta": {
+        "stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}}})
+    emit({"type": "stream_event", "event": {"type": "message_stop"}})
 
 
 def result(text: str | None, *, is_error: bool = False, subtype: str = "success",
@@ -138,6 +146,7 @@ def answer(stdin: Stdin, text: str) -> bool:
         for _ in range(size // 1000):
             emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
                   "delta": {"type": "text_delta", "text": "y" * 1000}}})
+        message_end()
         result("y" * (size // 1000 * 1000), use=usage(10, size // 4))
         return True
     if "sleep" in directives:
@@ -176,6 +185,17 @@ def answer(stdin: Stdin, text: str) -> bool:
         reply = ""
     words = reply.split(" ") if reply else []
     input_tokens = int(directives.get("tokens") or max(1, len(text) // 4))
+    if "cut-stream" in directives:
+        # The API's stream breaks off after 3 words and the CLI calls the partial text the
+        # answer (seen on 2.1.332 under load): no message_stop, a success result.
+        partial = " ".join(words[:3])
+        emit({"type": "stream_event", "event": {"type": "message_start", "message": {
+            "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
+        for i, word in enumerate(words[:3]):
+            emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                  "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
+        result(partial, use=usage(input_tokens, 3))
+        return True
     emit({"type": "stream_event", "event": {"type": "message_start", "message": {
         "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
     for i, word in enumerate(words):
@@ -195,6 +215,7 @@ def answer(stdin: Stdin, text: str) -> bool:
                 stdin.pushback.append(line)
         emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
               "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
+    message_end()
     emit({"type": "assistant", "message": {"content": [{"type": "text", "text": reply}]},
           "session_id": SESSION})
     result(reply, use=usage(input_tokens, len(words)))

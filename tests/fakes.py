@@ -32,6 +32,7 @@ class FakeSession:
         self.pid = next(_pids)
         self.turns = 0
         self.tokens = 0
+        self.requests = 0
         self.model = "claude-haiku-5-5"
         self.cli_version = "fake"
         self.started_at = trio.current_time()
@@ -108,6 +109,7 @@ class FakeSession:
                 raise
         self.clears += 1
         self.tokens = 0
+        self.turns = 0
 
     async def use_tools(self, tools: tuple[Any, ...]) -> None:
         self.tools_set = tools

@@ -221,7 +221,7 @@ async def server_process(
 
 async def test_rapid_requests_keep_a_real_server_process_small(fake_cli: Path) -> None:
     """The operator quick reference's stress test on a real server process."""
-    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_TURN_LIMIT": "10",
+    env = {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SESSION_MAX_REQUESTS": "8",
            "CCWRAP_MEMORY_SAMPLE_INTERVAL": "0.2"}
     async with server_process(env) as (_, url, _log):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
@@ -232,7 +232,7 @@ async def test_rapid_requests_keep_a_real_server_process_small(fake_cli: Path) -
         async with httpx.AsyncClient(base_url=url) as http:
             await trio.sleep(0.5)  # one more memory sample after the last request
             health = (await http.get("/health")).json()
-    assert health["stats"]["restart_count"] == 2
+    assert health["stats"]["restart_count"] == health["stats"]["lifetime_restarts"] == 2
     assert health["stats"]["successes"] == 20
     assert health["memory"]["rss_mb"] < 100
 

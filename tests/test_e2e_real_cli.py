@@ -66,13 +66,17 @@ async def test_two_isolated_requests_with_real_usage(tmp_path: Path) -> None:
     assert health["session"]["cli_version"] == "2.1.332"
     assert health["session"]["model"] == "claude-haiku-5-5"
     assert health["stats"]["total_requests"] == 2
-    assert health["context_usage"]["turns"] == 2
+    assert health["context_usage"]["turns"] == 0  # each request's conversation was cleared
+    assert health["sessions"][0]["requests"] == 2
 
 
 async def test_proactive_restart_spawns_a_new_cli(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with real_stack(tmp_path, turn_limit=5, proactive_pct=80) as (url, standin, _):
+    # An accumulating conversation (isolation none) fills up and is replaced at 80%.
+    async with real_stack(tmp_path, turn_limit=5, proactive_pct=80, isolation="none") as (
+        url, standin, _
+    ):
         pids = []
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
             with sdk(url) as client:

@@ -135,7 +135,8 @@ async def test_rss_probe_out_of_file_descriptors_is_not_fatal(
 
     sessions = FakeSessions()
     supervisor = Supervisor(
-        dataclasses.replace(CONFIG, turn_limit=2, proactive_pct=100), sessions, rss_probe=emfile
+        dataclasses.replace(CONFIG, turn_limit=2, proactive_pct=100, isolation="none"), sessions,
+        rss_probe=emfile,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

@@ -300,3 +300,24 @@ async def test_spawn_out_of_fds_or_memory_recovers(
     assert stats["recovery_attempts"] == 2
     assert caplog.text.count("[RESTART] FAILED: cannot start") == 2
     assert os.strerror(code) in caplog.text
+
+
+async def test_a_stream_cut_off_upstream_is_an_error_not_a_short_answer(make_config: Any) -> None:
+    """The CLI sometimes reports an API stream that broke off (no message_stop) as a complete
+    answer: the client gets an error, never the partial text called ``stop``."""
+    prompt = "FAKE:cut-stream one two three four five six"
+    async with running_server(make_config()) as url, httpx.AsyncClient(base_url=url) as http:
+        plain = await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": prompt}]})
+        streamed = await http.post("/v1/chat/completions", json={
+            "stream": True, "messages": [{"role": "user", "content": prompt}]})
+        fine = await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "one two three"}]})
+    assert plain.status_code == 502 and plain.json()["error"]["code"] == "cli_error"
+    assert "broke off mid-answer" in plain.json()["error"]["message"]
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert "error" in chunks[-1]
+    assert not any(c.get("choices") and c["choices"][0].get("finish_reason") == "stop"
+                   for c in chunks)
+    assert fine.json()["choices"][0]["message"]["content"] == "echo: one two three"

@@ -210,8 +210,10 @@ async def test_health_schema(make_config: Any) -> None:
     assert health["active_queries"] == 0 and health["queued"] == 0
     assert set(health["context_usage"]) == {
         "tokens", "turns", "token_limit", "turn_limit", "token_pct", "turn_pct"}
-    assert health["context_usage"]["turns"] == 1
-    assert health["context_usage"]["turn_pct"] == 10.0
+    # The conversation was cleared after the answer; the CLI has served one request.
+    assert health["context_usage"]["turns"] == 0
+    assert health["context_usage"]["turn_pct"] == 0.0
+    assert health["sessions"][0]["requests"] == 1
     assert {"total_requests", "total_errors", "restart_count", "proactive_restarts",
             "hard_restarts", "recovery_attempts", "timeouts", "empty_retries"} <= set(
         health["stats"])
@@ -225,8 +227,9 @@ async def test_health_schema(make_config: Any) -> None:
 
 
 async def test_rapid_requests_restart_twice_and_answer_each_prompt(make_config: Any) -> None:
-    """The operator quick reference's stress test, through the SDK."""
-    async with running_server(make_config(turn_limit=10)) as url:
+    """The operator quick reference's stress test, through the SDK: with /clear isolation the
+    conversation never fills, so the restarts come from the CLI's lifetime (8 requests here)."""
+    async with running_server(make_config(turn_limit=10, session_max_requests=8)) as url:
         with sdk(url) as client:
             for i in range(20):
                 completion = await in_thread(
@@ -236,8 +239,10 @@ async def test_rapid_requests_restart_twice_and_answer_each_prompt(make_config: 
                 assert completion.choices[0].message.content == f"echo: request number {i}"
         async with httpx.AsyncClient(base_url=url) as http:
             health = (await http.get("/health")).json()
-    assert health["stats"]["restart_count"] == 2
+    assert health["stats"]["restart_count"] == health["stats"]["lifetime_restarts"] == 2
     assert health["stats"]["total_errors"] == 0
+    assert health["context_usage"]["turns"] == 0  # cleared after the last answer
+    assert health["sessions"][0]["requests"] == 4 and health["sessions"][0]["max_requests"] == 8
     # The server's own RSS bound (< 100 MB) is checked on a real server process in test_cli.py.
 
 

@@ -76,10 +76,14 @@ async def test_metrics_render_the_health_snapshot(make_config: Any) -> None:
     stats = health["stats"]
     assert values[("ccwrap_requests_total", (("outcome", "success"),))] == stats["successes"] == 3
     assert values[("ccwrap_requests_total", (("outcome", "error"),))] == stats["total_errors"]
-    for reason in ("proactive", "hard", "memory", "crash", "timeout"):
+    for reason in ("proactive", "hard", "memory", "crash", "timeout", "lifetime", "age"):
         assert values[("ccwrap_restarts_total", (("reason", reason),))] == stats[
             f"{reason}_restarts"] == 0
-    assert values[("ccwrap_context_turns", ())] == health["context_usage"]["turns"] == 4
+    # The conversation is cleared after each answer; the CLI's lifetime counts the requests.
+    assert values[("ccwrap_context_turns", ())] == health["context_usage"]["turns"] == 0
+    assert values[("ccwrap_session_requests", (("session", "0"),))] == health["sessions"][0][
+        "requests"] == 4
+    assert values[("ccwrap_session_max_requests", (("session", "0"),))] == 1000
     assert values[("ccwrap_context_turn_limit", ())] == 10
     assert values[("ccwrap_session_up", ())] == 1
     assert values[("ccwrap_queue_depth", ())] == health["queued"]

@@ -52,7 +52,7 @@ async def test_standby_takes_over_a_planned_restart_without_a_spawn(
     clock: trio.testing.MockClock,
 ) -> None:
     sessions = FakeSessions(spawn_s=1.0)
-    async with supervised(sessions, turn_limit=2, proactive_pct=50) as supervisor:
+    async with supervised(sessions, session_max_requests=1) as supervisor:
         await trio.sleep(5)  # the first session and the standby are warm
         assert len(sessions.sessions) == 2
         latencies = []
@@ -60,8 +60,8 @@ async def test_standby_takes_over_a_planned_restart_without_a_spawn(
             latencies.append(await timed_query(supervisor, f"q{i}"))
             await trio.sleep(2)  # requests a little apart: time to warm the next standby
         stats = supervisor.statistics()
-    # One turn per session (50% of 2): every request lands on a warm standby.
-    assert stats.counters.proactive_restarts == 6
+    # One request per CLI: every request lands on a warm standby.
+    assert stats.counters.lifetime_restarts == 6
     assert max(latencies) == pytest.approx(TURN_S)  # never a 1 s spawn on a request's path
 
 
@@ -69,7 +69,7 @@ async def test_back_to_back_restarts_wait_for_the_warming_standby(
     clock: trio.testing.MockClock,
 ) -> None:
     sessions = FakeSessions(spawn_s=1.0)
-    async with supervised(sessions, turn_limit=2, proactive_pct=50) as supervisor:
+    async with supervised(sessions, session_max_requests=1) as supervisor:
         await trio.sleep(5)
         for i in range(4):
             await supervisor.query(f"q{i}")
@@ -82,7 +82,7 @@ async def test_back_to_back_restarts_wait_for_the_warming_standby(
 
 async def test_without_standby_a_restart_costs_a_spawn(clock: trio.testing.MockClock) -> None:
     sessions = FakeSessions(spawn_s=1.0)
-    async with supervised(sessions, turn_limit=2, proactive_pct=50, standby=False) as sup:
+    async with supervised(sessions, session_max_requests=1, standby=False) as sup:
         await trio.sleep(5)
         assert len(sessions.sessions) == 1
         await timed_query(sup, "first")
@@ -102,7 +102,7 @@ async def test_crash_uses_the_standby_when_ready(clock: trio.testing.MockClock) 
 
 async def test_dead_standby_is_replaced_not_used(clock: trio.testing.MockClock) -> None:
     sessions = FakeSessions(spawn_s=1.0)
-    async with supervised(sessions, turn_limit=2, proactive_pct=50) as supervisor:
+    async with supervised(sessions, session_max_requests=1) as supervisor:
         await trio.sleep(5)
         sessions.sessions[1].die()  # the standby dies while waiting
         await supervisor.query("one")  # restart after this one: the standby is dead
@@ -172,7 +172,7 @@ async def test_health_lists_the_pool_and_the_standby(make_config: Any) -> None:
 
 
 async def test_real_cli_standby_swap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async with real_stack(tmp_path, standby=True, turn_limit=2, proactive_pct=50) as (
+    async with real_stack(tmp_path, standby=True, session_max_requests=1) as (
         url, standin, _,
     ):
         async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -184,6 +184,6 @@ async def test_real_cli_standby_swap(tmp_path: Path, caplog: pytest.LogCaptureFi
                     "messages": [{"role": "user", "content": f"swap {i}"}]})
                 assert response.json()["choices"][0]["message"]["content"] == f"echo: swap {i}"
             health = (await http.get("/health")).json()
-    assert health["stats"]["proactive_restarts"] >= 3
+    assert health["stats"]["lifetime_restarts"] >= 3
     assert "standby session ready" in caplog.text
     assert len(standin.calls) == 4

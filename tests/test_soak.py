@@ -26,8 +26,7 @@ WARMUP_REQUESTS = 200
 CONCURRENCY = 4
 MAX_SECONDS = 240  # the soak stops sending after this, whatever the count
 REQUEST_TIMEOUT = 30  # seconds one request may take: a hang is a failure, not a stuck test
-TURN_LIMIT = 50
-PROACTIVE_PCT = 80  # the default: a session is replaced after 40 turns
+SESSION_MAX_REQUESTS = 40  # a CLI lives for 40 requests: ~75 restarts in the soak
 # The server's own RSS may grow by at most this many MB per 1,000 requests once warm (see the
 # test's docstring for why this number).
 MAX_RSS_SLOPE_MB_PER_1000 = 1.0
@@ -108,8 +107,8 @@ async def test_soak_3000_requests_rss_flat_no_fd_thread_or_process_leak(
 ) -> None:
     """3,000 requests (plain, streamed, structured, bad) on a real server over the fake CLI.
 
-    With ``CCWRAP_TURN_LIMIT=50`` the CLI is replaced every 40 turns (80%), ~75 times: spawning
-    and reaping are part of what must not leak. Checked, after a 200-request warm-up:
+    With ``CCWRAP_SESSION_MAX_REQUESTS=40`` the CLI is replaced every 40 requests, ~75 times:
+    spawning and reaping are part of what must not leak. Checked, after a 200-request warm-up:
 
     - every request got the expected status (200, or 400 for the bad ones): no 5xx, no
       exception, no hang (each request has a 30 s timeout, the run 240 s);
@@ -123,14 +122,13 @@ async def test_soak_3000_requests_rss_flat_no_fd_thread_or_process_leak(
     - open fds after <= before + 2, threads after <= before + 2, exactly one CLI process alive
       (the current session: no zombie child, no orphan in the CLI's working directory);
     - the /health counters add up, count every request that reached the supervisor, and
-      ``restart_count`` grew by one per 40 turns.
+      ``restart_count`` grew by one per 40 requests (lifetime restarts).
     """
     workdir = tmp_path / "cli-work"
     env = {
         "CCWRAP_CLAUDE_BIN": str(fake_cli),
         "CCWRAP_MEMORY_SAMPLE_INTERVAL": "0.5",
-        "CCWRAP_TURN_LIMIT": str(TURN_LIMIT),
-        "CCWRAP_PROACTIVE_PCT": str(PROACTIVE_PCT),
+        "CCWRAP_SESSION_MAX_REQUESTS": str(SESSION_MAX_REQUESTS),
         "CCWRAP_WORKDIR": str(workdir),
     }
     started = trio.current_time()
@@ -148,7 +146,7 @@ async def test_soak_3000_requests_rss_flat_no_fd_thread_or_process_leak(
 
     stats_delta = {k: v - before["stats"].get(k, 0) for k, v in after["stats"].items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
-    turns_per_session = TURN_LIMIT * PROACTIVE_PCT // 100
+    turns_per_session = SESSION_MAX_REQUESTS
     # Every request but the 400s reaches the CLI: one turn each (structured ones validate at once).
     turns = REQUESTS - soak["statuses"].get("400", 0)
     print(
@@ -197,7 +195,7 @@ async def test_soak_3000_requests_rss_flat_no_fd_thread_or_process_leak(
     assert stats_delta["schema_repairs"] == stats_delta["crash_restarts"] == 0
     expected_restarts = (turns + 1) / turns_per_session
     assert abs(stats_delta["restart_count"] - expected_restarts) <= 1
-    assert stats_delta["restart_count"] == stats_delta["proactive_restarts"]
+    assert stats_delta["restart_count"] == stats_delta["lifetime_restarts"]
 
     assert "Traceback" not in text and "[ERROR]" not in text
-    assert text.count("[RESTART] Starting: proactive") >= stats_delta["restart_count"]
+    assert text.count("[RESTART] Starting: lifetime") >= stats_delta["restart_count"]

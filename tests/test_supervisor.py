@@ -16,12 +16,14 @@ from ccwrap_trio.errors import (
     CliError,
     ContextLengthExceeded,
     EmptyResponse,
+    InvalidStructuredOutput,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
     SessionUnavailable,
     ShuttingDown,
 )
+from ccwrap_trio.structured import StructuredOutput
 from ccwrap_trio.supervisor import Supervisor
 
 from .fakes import TURN_S, FakeSessions, fake_rss
@@ -88,8 +90,9 @@ async def test_query_waits_for_first_session(clock: trio.testing.MockClock) -> N
 async def test_proactive_restart_at_80_pct_of_turns(
     clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An accumulating conversation (isolation none) fills up: restarts at 80% of its turns."""
     sessions = FakeSessions()
-    async with supervised(sessions) as supervisor:
+    async with supervised(sessions, isolation="none") as supervisor:
         for i in range(20):
             result = await supervisor.query(f"request {i}")
             assert result.text == f"echo: request {i}"
@@ -107,6 +110,85 @@ async def test_proactive_restart_at_80_pct_of_turns(
     assert "[DONE]" in caplog.text and "turns=8/10" in caplog.text
     # The old session is closed before the new one serves: one CLI at a time.
     assert sessions.closed[:2] == sessions.sessions[:2]
+
+
+async def test_with_clear_the_context_limits_measure_the_conversation(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request starts a new conversation: 20 requests on one CLI, no context restart."""
+    sessions = FakeSessions()
+    async with supervised(sessions) as supervisor:
+        for i in range(20):
+            assert (await supervisor.query(f"request {i}")).text == f"echo: request {i}"
+        stats = supervisor.statistics()
+    assert len(sessions.sessions) == 1 and stats.counters.restart_count == 0
+    assert stats.turns == 0 and stats.tokens == 0  # cleared after the last answer
+    assert stats.sessions[0].requests == 20
+    assert "turns=1/10" in caplog.text and "turns=2/10" not in caplog.text
+
+
+async def test_lifetime_restart_after_max_requests(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = FakeSessions()
+    async with supervised(sessions, session_max_requests=8) as supervisor:
+        for i in range(20):
+            assert (await supervisor.query(f"request {i}")).text == f"echo: request {i}"
+        stats = supervisor.statistics()
+    assert [len(s.prompts) for s in sessions.sessions] == [8, 8, 4]
+    assert stats.counters.restart_count == stats.counters.lifetime_restarts == 2
+    assert stats.counters.proactive_restarts == 0
+    assert caplog.text.count("[RESTART] Starting: lifetime: requests=8") == 2
+    assert stats.sessions[0].max_requests == 8
+
+
+async def test_age_restart_between_requests(
+    clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = FakeSessions()
+    async with supervised(sessions, session_max_age_s=100.0) as supervisor:
+        await supervisor.query("young")
+        await trio.sleep(150)  # idle past the age: the idle check recycles it
+        await supervisor.query("after")
+        stats = supervisor.statistics()
+    assert stats.counters.age_restarts == 1 and len(sessions.sessions) == 2
+    assert "[RESTART] Starting: age: age=" in caplog.text
+    assert sessions.sessions[1].prompts == ["after"]
+
+
+async def test_an_idle_session_that_served_nothing_is_never_recycled(
+    clock: trio.testing.MockClock,
+) -> None:
+    sessions = FakeSessions()
+    async with supervised(sessions, session_max_age_s=10.0) as supervisor:
+        await wait_status(supervisor, "healthy")
+        await trio.sleep(100)
+        stats = supervisor.statistics()
+    assert len(sessions.sessions) == 1 and stats.counters.restart_count == 0
+
+
+async def test_a_pool_staggers_its_first_lifetimes(clock: trio.testing.MockClock) -> None:
+    """Sessions that start together must not all retire together (and wait for spares)."""
+    config = dataclasses.replace(CONFIG, session_max_requests=1000)
+    supervisor = Supervisor(config, FakeSessions(), sessions=4)
+    budgets = [worker.statistics().max_requests for worker in supervisor.workers]
+    assert budgets == [1000, 875, 750, 625]
+
+
+async def test_repairs_stop_when_the_conversation_is_full(caplog: pytest.LogCaptureFixture) -> None:
+    """A request whose own repair turns fill the context gets its answer (a 502) at once.
+
+    The real clock: validation runs in a thread, which the mock clock would take for idleness.
+    """
+    sessions = FakeSessions()
+    schema = StructuredOutput({"type": "integer"})
+    async with supervised(sessions, turn_limit=2, schema_repairs=5) as supervisor:
+        with pytest.raises(InvalidStructuredOutput, match="after 1 repair turns"):
+            await supervisor.query("not a number", structured=schema)
+        stats = supervisor.statistics()
+    assert stats.counters.schema_repairs == 1  # 2 turns: the conversation's limit
+    assert "[WARN] Conversation full (turns=2/2" in caplog.text
+    assert stats.turns == 0  # cleared for the next request
 
 
 async def test_isolation_clears_between_requests(clock: trio.testing.MockClock) -> None:
@@ -205,8 +287,8 @@ async def test_queued_requests_fail_fast_when_going_offline(
 async def test_requests_queue_during_restart(clock: trio.testing.MockClock) -> None:
     sessions = FakeSessions(spawn_s=1.0)
     results: list[str] = []
-    async with supervised(sessions, turn_limit=2, proactive_pct=50) as supervisor:
-        await supervisor.query("first")  # 1/2 turns = 50%: restart right after it
+    async with supervised(sessions, session_max_requests=1) as supervisor:
+        await supervisor.query("first")  # its CLI's one request: recycled right after it
 
         async def ask(i: int) -> None:
             results.append((await supervisor.query(f"q{i}")).text)

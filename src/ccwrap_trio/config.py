@@ -198,7 +198,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "CCWRAP_TOKEN_LIMIT", "token_limit", _integer(1), "150000", "context tokens per session"
     ),
-    Setting("CCWRAP_TURN_LIMIT", "turn_limit", _integer(1), "10", "requests per session"),
+    Setting(
+        "CCWRAP_TURN_LIMIT", "turn_limit", _integer(1), "10",
+        "turns of one conversation (since its /clear)",
+    ),
     Setting(
         "CCWRAP_PROACTIVE_PCT", "proactive_pct", _integer(1, 100), "80",
         "restart at this percent of either limit",
@@ -281,6 +284,18 @@ SETTINGS: tuple[Setting, ...] = (
         "recycle a session whose CLI process tree grows past this (checked between requests)",
     ),
     Setting(
+        "CCWRAP_SESSION_MAX_REQUESTS", "session_max_requests", _integer(1), "1000",
+        "recycle a session's CLI after this many requests (its memory grows ~0.1 MB a request)",
+    ),
+    Setting(
+        "CCWRAP_SESSION_MAX_AGE", "session_max_age_s", _seconds(), "3600",
+        "recycle a session's CLI this many seconds after its spawn (between requests)",
+    ),
+    Setting(
+        "CCWRAP_STANDBY_SPARES", "standby_spares", _integer(1, 16), "1",
+        "warm spare CLIs kept while CCWRAP_STANDBY is on",
+    ),
+    Setting(
         "CCWRAP_LOG_PROMPTS", "log_prompts", _boolean(), "0",
         "DEBUG ONLY: log every prompt and answer (they may hold secrets and personal data)",
     ),
@@ -344,6 +359,9 @@ class Config:
     schema_repairs: int = 2
     stream_keepalive_s: float = 15.0
     cli_rss_limit_mb: int = 1024
+    session_max_requests: int = 1000
+    session_max_age_s: float = 3600.0
+    standby_spares: int = 1
     log_prompts: bool = False
     sessions: int = 1
     standby: bool = True

@@ -27,7 +27,7 @@ from .stats import Histogram, Statistics
 from .supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RESTART_REASONS = ("proactive", "hard", "memory", "crash", "timeout")
+RESTART_REASONS = ("proactive", "hard", "memory", "crash", "timeout", "lifetime", "age")
 # API route -> the endpoint label of ccwrap_endpoint_requests_total (one name per dialect).
 ENDPOINTS = {
     "/v1/chat/completions": "chat_completions", "/chat/completions": "chat_completions",
@@ -158,6 +158,25 @@ class SnapshotCollector(Collector):
         for name, help_text, reading in gauges:
             yield GaugeMetricFamily(name, help_text, value=reading)
 
+        # Each session's CLI lifetime: what it served, when it retires, how old it is.
+        lifetime = (
+            ("ccwrap_session_requests", "Requests served by the session's current CLI.",
+             "requests"),
+            ("ccwrap_session_max_requests",
+             "Requests after which the session's CLI is recycled (CCWRAP_SESSION_MAX_REQUESTS).",
+             "max_requests"),
+            ("ccwrap_session_age_seconds", "Seconds since the session's current CLI was spawned.",
+             "uptime_s"),
+        )
+        for name, help_text, field in lifetime:
+            family = GaugeMetricFamily(name, help_text, labels=["session"])
+            for index, worker in enumerate(stats.sessions):
+                family.add_metric([str(index)], getattr(worker, field))
+            yield family
+        yield GaugeMetricFamily(
+            "ccwrap_session_max_age_seconds", "CCWRAP_SESSION_MAX_AGE.",
+            value=self._config.session_max_age_s,
+        )
         yield from _limits(stats)
         yield from _keys(stats)
 

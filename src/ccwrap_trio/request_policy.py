@@ -96,6 +96,7 @@ class RequestRunner:
             # The usage window is used up: the turn would fail the same way. Not spent.
             reply(query, blocked)
             return False
+        session.requests += 1
         self.active = query
         on_progress = self._progress(query)
         try:
@@ -170,7 +171,7 @@ class RequestRunner:
             result = verdict.result
             if not verdict.errors:
                 return dataclasses.replace(result, usage=usage)
-            if attempt == repairs or query.stream:
+            if attempt == repairs or query.stream or self._conversation_full(session):
                 # A streamed answer was sent as it came: it cannot be taken back and repaired.
                 break
             self._counters.schema_repairs += 1
@@ -183,7 +184,7 @@ class RequestRunner:
             self._check(result)
             usage = usage + result.usage
         self._counters.schema_failures += 1
-        done = 0 if query.stream else repairs
+        done = attempt
         summary = "; ".join(verdict.log_errors)[:300]
         log.error(
             "[ERROR] Tool call invalid after %d repairs: %s request_id=%s",
@@ -194,6 +195,17 @@ class RequestRunner:
             f"{'; '.join(verdict.errors)[:500]}",
             log_text=f"the answer did not fit the tools after {done} repair turns: {summary}",
         )
+
+    def _conversation_full(self, session: SessionLike) -> bool:
+        """No room for another repair turn: the conversation is at a context limit. The
+        request fails with what it has; between requests the session is then cleared or
+        replaced (``SessionWorker._restart_needed``)."""
+        config = self._config
+        full = session.turns >= config.turn_limit or session.tokens >= config.token_limit
+        if full:
+            log.warning("[WARN] Conversation full (turns=%d/%d, tokens=%d/%d): no more repairs",
+                        session.turns, config.turn_limit, session.tokens, config.token_limit)
+        return full
 
     async def _ask(
         self, session: SessionLike, query: Query, on_progress: OnProgress | None
@@ -236,7 +248,7 @@ class RequestRunner:
             verdict = await trio.to_thread.run_sync(structured.verify, result.text)
             if verdict.content is not None:
                 return dataclasses.replace(result, text=verdict.content, usage=usage)
-            if attempt == repairs or not verdict.repairable:
+            if attempt == repairs or not verdict.repairable or self._conversation_full(session):
                 break
             self._counters.schema_repairs += 1
             # Paths and keywords only: the values are model output (CCWRAP_LOG_PROMPTS logs those).

@@ -39,8 +39,9 @@ _interrupt_ids = itertools.count(1)
 class SessionLike(Protocol):
     """What a worker needs of a session; ``session.Session`` and the tests' fakes provide it."""
 
-    turns: int
-    tokens: int
+    turns: int  # of the current conversation (0 after a /clear)
+    tokens: int  # the current conversation's size
+    requests: int  # served since spawn
     model: str
     cli_version: str
     started_at: float
@@ -116,8 +117,9 @@ class Session:
         self._busy = False
         self.exited = trio.Event()
         self.started_at = trio.current_time()
-        self.turns = 0
+        self.turns = 0  # of the current conversation: a /clear starts a new one
         self.tokens = 0
+        self.requests = 0  # requests served since spawn (the process's lifetime)
         self.model = ""
         self.cli_version = ""
         self.tools: tuple[str, ...] = ()
@@ -241,6 +243,7 @@ class Session:
         if result.is_error:
             raise SessionCrashed(f"/clear failed: {result.text}")
         self.tokens = 0
+        self.turns = 0
 
     async def interrupt(self) -> bool:
         """Abort the running turn and read to its ``result``; True if the session is usable.
@@ -312,6 +315,7 @@ class Session:
             # (even right after message_delta, seen on 2.1.332) the CLI may abort the stream.
             state = self._turn_state
             state.stopped = True
+            state.attempt_open = False
             held, state.held = state.held, []
             for request_id in held:
                 await self._send_answer(request_id, toolbridge.DENY)
@@ -374,6 +378,9 @@ class _TurnState:
     held: list[str] = field(default_factory=list)
     rate_limits: list[protocol.RateLimit] = field(default_factory=list)
     retry_delay_ms: int | None = None  # the CLI's last api_retry
+    # The API call under way: its text, and whether its stream is still open (no message_stop).
+    attempt_text: list[str] = field(default_factory=list)
+    attempt_open: bool = False
 
     def progress(self, event: protocol.Event) -> protocol.Progress | None:
         if isinstance(event, protocol.RateLimit):
@@ -384,9 +391,11 @@ class _TurnState:
             return None
         if isinstance(event, protocol.TextDelta):
             self.text.append(event.text)
+            self.attempt_text.append(event.text)
             return event
         if isinstance(event, protocol.MessageStart):
             self.model = event.model or self.model
+            self.attempt_open, self.attempt_text = True, []
             return event
         if isinstance(event, protocol.ToolUseStart) and event.name.startswith(toolbridge.PREFIX):
             # Only the client's tools: anything else is the CLI's business ("No such tool").
@@ -412,6 +421,13 @@ class _TurnState:
             # The answer is the text before the calls.
             return dataclasses.replace(result, text="".join(self.text), is_error=False,
                                        tool_calls=calls, model=self.model)
+        if (not result.is_error and result.text.strip() and self.attempt_open
+                and "".join(self.attempt_text).strip() == result.text.strip()):
+            # The API's stream broke off mid-answer and the CLI (seen on 2.1.332, under load,
+            # after a malformed event) reported the partial text as the whole answer.
+            return dataclasses.replace(result, is_error=True, model=self.model, text=(
+                "the API's stream broke off mid-answer (no message_stop) and the CLI reported "
+                "the partial text as complete; retry the request"))
         return dataclasses.replace(result, model=self.model)
 
 

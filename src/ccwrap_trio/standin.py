@@ -269,14 +269,22 @@ def _has_tool_result(body: dict[str, Any]) -> bool:
 
 
 def requested_calls(body: dict[str, Any]) -> tuple[str, ...]:
-    """The tool names of the conversation's ``[standin:call=...]`` directives, in order."""
+    """The tool names of the conversation's ``[standin:call=...]`` directives, in order.
+
+    A directive is answered once: one followed by a tool result in the rendered conversation
+    (ccwrap-trio renders a client's history into one turn, results as ``<tool_result ...>``) has
+    had its call, so an agent's loop gets a text answer next, as from a real model.
+    """
     names: list[str] = []
     for message in _messages(body):
         if message.get("role") == "user":
             for text in _block_texts(message.get("content")):
                 for match in _DIRECTIVE_RE.finditer(text):
-                    if match.group(1).lower() == "call" and match.group(2):
-                        names += [n.strip() for n in match.group(2).split(",") if n.strip()]
+                    if match.group(1).lower() != "call" or not match.group(2):
+                        continue
+                    if "<tool_result" in text[match.end():]:
+                        continue
+                    names += [n.strip() for n in match.group(2).split(",") if n.strip()]
     return tuple(names)
 
 

@@ -37,6 +37,8 @@ class Counters:
     crash_restarts: int = 0
     timeout_restarts: int = 0
     memory_restarts: int = 0
+    lifetime_restarts: int = 0
+    age_restarts: int = 0
     recovery_attempts: int = 0
     timeouts: int = 0
     empty_retries: int = 0
@@ -127,6 +129,8 @@ class WorkerStatistics:
     uptime_s: float
     model: str
     cli_version: str
+    requests: int = 0  # served by this session's CLI since it was spawned
+    max_requests: int = 0  # when its CLI is recycled (CCWRAP_SESSION_MAX_REQUESTS, staggered)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class SessionWorker:
         activity: Activity,
         rss_probe: RssProbe | None = None,
         upstream: UpstreamState | None = None,
+        *,
+        first_max_requests: int | None = None,
     ) -> None:
         self._config = config
         self._spawner = spawner
@@ -82,6 +84,9 @@ class SessionWorker:
         self._rss_probe = rss_probe or _cli_rss_mb
         self._rss_checked_at = -math.inf
         self._runner = RequestRunner(config, counters, upstream)  # one request's policy
+        # Requests the current session's CLI may serve. The pool's first sessions get staggered
+        # budgets (Supervisor), so that they do not all reach the limit at once.
+        self._max_requests = first_max_requests or config.session_max_requests
         self.status = "starting"
         self.session: SessionLike | None = None
 
@@ -106,6 +111,8 @@ class SessionWorker:
             uptime_s=trio.current_time() - session.started_at if session is not None else 0.0,
             model=session.model if session is not None else "",
             cli_version=session.cli_version if session is not None else "",
+            requests=session.requests if session is not None else 0,
+            max_requests=self._max_requests,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -135,6 +142,8 @@ class SessionWorker:
                 continue
             failures = 0
             session = self.session = lease.session
+            if restart is not None:
+                self._max_requests = self._config.session_max_requests
             self.status = "healthy"
             try:
                 if restart is not None:
@@ -174,6 +183,10 @@ class SessionWorker:
             counters.timeout_restarts += 1
         elif restart.kind == "memory":
             counters.memory_restarts += 1
+        elif restart.kind == "lifetime":
+            counters.lifetime_restarts += 1
+        elif restart.kind == "age":
+            counters.age_restarts += 1
         self._activity.restarted(restart.kind, restart.detail)
         log.warning(
             "[RESTART] Starting: %s: %s", restart.kind, restart.detail,
@@ -214,8 +227,8 @@ class SessionWorker:
         needs_clear = False
         served_at = 0.0  # when the query whose /clear is due was taken
         while True:
-            if (restart := await self._restart_needed(session)) is not None:
-                return restart, pending
+            # The /clear first: it empties the conversation, so only an accumulating one
+            # (isolation none) or the process's own lifetime can call for a new CLI.
             if needs_clear:
                 try:
                     await clear_within(session, self._config.clear_timeout_s)
@@ -225,6 +238,8 @@ class SessionWorker:
                     return Restart("timeout", str(exc)), pending
                 needs_clear = False
                 self._activity.served(trio.current_time() - served_at)
+            if (restart := await self._restart_needed(session)) is not None:
+                return restart, pending
             query: Query | None
             if pending is not None:
                 query, pending = pending, None
@@ -244,7 +259,11 @@ class SessionWorker:
                 # It died before this query reached it: respawn and serve the query there.
                 return Restart("crash", session.describe_exit()), query
             taken_at = trio.current_time()
-            ran = await self._runner.run(session, query)
+            self._spawner.request_started()
+            try:
+                ran = await self._runner.run(session, query)
+            finally:
+                self._spawner.request_ended()
             needs_clear = ran and self._config.isolation == "clear"
             if ran:
                 # The query's service time runs until the session is ready for the next one.
@@ -268,10 +287,17 @@ class SessionWorker:
         if pct >= config.proactive_pct:
             log.info("[PROACTIVE] Inline restart: %s=%.1f", name, pct, extra={name: pct})
             return Restart("proactive", f"{name}={pct:.1f}")
-        # Long-lived CLIs leak; measured at most once a sample interval, between requests.
-        # A session that has served nothing is as small as a new one would be: not recycled.
+        # The process's lifetime, its own policy: a session that has served nothing is as small
+        # and fresh as a new one would be, so it is never recycled.
+        if not session.requests:
+            return None
+        if session.requests >= self._max_requests:
+            return Restart("lifetime", f"requests={session.requests}")
         now = trio.current_time()
-        if session.turns and now - self._rss_checked_at >= config.memory_sample_interval_s:
+        if (age_s := now - session.started_at) >= config.session_max_age_s:
+            return Restart("age", f"age={age_s:.0f}s")
+        # Long-lived CLIs leak; measured at most once a sample interval, between requests.
+        if now - self._rss_checked_at >= config.memory_sample_interval_s:
             self._rss_checked_at = now
             rss_mb = await self._probe_rss(session.pid)
             if rss_mb > config.cli_rss_limit_mb:
@@ -322,13 +348,18 @@ class Supervisor:
         # The API's usage windows and the login's health; usage and limits per client key.
         self.upstream = UpstreamState()
         self.keys = KeyAccounts(config.key_limits)
-        self.spawner = Spawner(open_session, standby=config.standby)
+        self.spawner = Spawner(
+            open_session, standby=config.standby, spares=config.standby_spares
+        )
+        budget = config.session_max_requests
         self.workers = [
             SessionWorker(
                 config, self.spawner, self._receive, self.counters, self.activity, rss_probe,
                 self.upstream,
+                # Worker k's first CLI retires after (1 - k/2N) of the budget: spread out.
+                first_max_requests=max(1, budget - index * budget // (2 * sessions)),
             )
-            for _ in range(sessions)
+            for index in range(sessions)
         ]
         self._shutting_down = False
         # Where the queue's Retry-After promises the next freed slot (see _queue_retry_after).
