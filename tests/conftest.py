@@ -98,11 +98,12 @@ async def running_server(config: Config, **kwargs: Any) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def real_stack(
-    tmp_path: Path, *, environ: dict[str, str] | None = None, **overrides: Any
+    tmp_path: Path, *, environ: dict[str, str | None] | None = None, **overrides: Any
 ) -> AsyncIterator[tuple[str, Standin, Config]]:
     """The stand-in API and ccwrap-trio over the real CLI; yields (base URL, stand-in, config).
 
-    ``environ`` adds to (or replaces in) the server's environment the CLI's is derived from.
+    ``environ`` adds to (or replaces in) the server's environment the CLI's is derived from;
+    a None value removes the variable (``ANTHROPIC_API_KEY`` for a subscription login).
     """
     async with trio.open_nursery() as nursery:
         standin: Standin = await nursery.start(Standin(StandinConfig()).serve)
@@ -117,6 +118,7 @@ async def real_stack(
             "API_TIMEOUT_MS": "30000",
             **(environ or {}),
         }
+        environ = {name: value for name, value in environ.items() if value is not None}
         config = Config(
             port=0,
             standby=False,

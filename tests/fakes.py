@@ -3,13 +3,15 @@
 The prompt picks the behaviour: ``hang`` (interruptible), ``hang-hard`` (the interrupt is never
 answered), ``crash``, ``empty``, ``empty-once``, ``error:MESSAGE``, ``tokens=N``, ``slow=S``;
 anything else is answered ``echo: <prompt>`` after ``TURN_S`` seconds. ``hang-clear`` in a prompt
-makes the session's next ``/clear`` never answer (a frozen CLI).
+makes the session's next ``/clear`` never answer (a frozen CLI). ``usage-limit=S`` answers as the
+CLI does when the 5-hour window is used up, resetting S wall-clock seconds from now.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -82,6 +84,14 @@ class FakeSession:
         self._seen.add(prompt)
         if prompt.startswith("error:"):
             return protocol.TurnResult(prompt[6:], True, "success", protocol.Usage())
+        if match := re.search(r"usage-limit=([\d.]+)", prompt):
+            resets_at = int(time.time() + float(match.group(1)))
+            window = protocol.RateLimitWindow("five_hour", "rejected", 1.0, resets_at)
+            return protocol.TurnResult(
+                "You've hit your 5-hour limit", True, "success", protocol.Usage(),
+                api_error_status=429, api_error="usage_limit_reached",
+                rate_limits=(protocol.RateLimit("rejected", "five_hour", resets_at, None,
+                                                (window,)),))
         match = re.search(r"tokens=(\d+)", prompt)
         tokens = int(match.group(1)) if match else 10
         self.tokens = tokens

@@ -346,7 +346,10 @@ async def test_queue_full_gets_429_with_retry_after(make_config: Any) -> None:
                 "messages": [{"role": "user", "content": text}]})
             statuses.append(response.status_code)
             if response.status_code == 429:
-                assert response.headers["retry-after"] == "1"
+                # No query has finished yet: 1 s assumed per query. One running and one
+                # queued ahead, then this client's own slot: 3 s, never the old flat 1.
+                assert response.headers["retry-after"] == "3"
+                assert response.headers["retry-after-ms"] == "3000"
                 assert response.json()["error"]["type"] == "rate_limit_error"
 
         async with trio.open_nursery() as nursery:

@@ -294,7 +294,7 @@ def test_error_statuses_are_documented(make_config: Any) -> None:
             time.sleep(0.3)
             refused = documented_call(url, CHAT, 429, body=chat_body("third"))
             first.result(), second.result()
-        assert refused.headers["retry-after"] == ["1"]
+        assert int(refused.headers["retry-after"][0]) >= 1  # the backlog's estimate
 
     with ServerThread(make_config(query_timeout_s=1.0)) as url:
         documented_call(url, CHAT, 504, body=chat_body("FAKE:sleep=2 slow"))

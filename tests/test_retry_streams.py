@@ -130,6 +130,9 @@ async def test_real_cli_gives_up_on_a_failing_api_after_two_retries(tmp_path: Pa
                 {"role": "user", "content": "[standin:status=529]"}]})
             elapsed = trio.current_time() - started
         nursery.cancel_scope.cancel()
-    assert response.status_code == 502, response.text
+    # An overloaded API stays what it is: 503 with a Retry-After (issue 13), not a 502.
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "upstream_overloaded"
+    assert int(response.headers["retry-after"]) >= 1
     assert len([c for c in standin.calls if c.status == 529]) == 3  # one call, two retries
     assert elapsed < 60  # was ~178 s with the CLI's 10 retries; 2 retries back off ~2 s

@@ -193,8 +193,10 @@ READ_PAGE = """(() => {
   const requests = [...document.querySelectorAll('#requests tbody tr[data-request-id]')].map(
     (tr) => ({id: tr.dataset.requestId, outcome: tr.dataset.outcome,
               cells: [...tr.cells].map((td) => td.textContent.trim())}));
+  const keys = [...document.querySelectorAll('#keys tbody tr')].map(
+    (tr) => [...tr.cells].map((td) => td.textContent.trim()));
   return {state: document.body.dataset.state, updates: Number(document.body.dataset.updates),
-          fields, requests, banner: document.querySelector('#banner').textContent,
+          fields, requests, keys, banner: document.querySelector('#banner').textContent,
           title: document.title,
           restartMarkers: document.querySelectorAll('#events-chart g title').length,
           memoryPaths: document.querySelectorAll('#memory-chart path').length};
@@ -240,10 +242,13 @@ def number(text: str) -> float:
     return float(text.replace(",", "").split()[0])
 
 
+KEY = "status-page-key-0001"  # named "ops": the page shows its usage by name, never the key
+
+
 async def chat(http: httpx.AsyncClient, prompt: str) -> httpx.Response:
     return await http.post("/v1/chat/completions", json={
         "model": "haiku", "messages": [{"role": "user", "content": prompt}],
-    })
+    }, headers={"Authorization": f"Bearer {KEY}"})
 
 
 async def test_status_page_shows_what_health_says_in_headless_chromium(
@@ -253,7 +258,8 @@ async def test_status_page_shows_what_health_says_in_headless_chromium(
     # turn_limit=5: the 4th request reaches the proactive threshold (80%), one restart follows.
     # isolation=none: the context keeps its tokens, so the gauge has something to show.
     config = make_config(
-        memory_sample_interval_s=0.2, turn_limit=5, isolation="none", shutdown_grace_s=1.0
+        memory_sample_interval_s=0.2, turn_limit=5, isolation="none", shutdown_grace_s=1.0,
+        api_keys=(f"ops:{KEY}",),
     )
     log = tmp_path / "chromium.log"
     try:
@@ -357,6 +363,11 @@ async def exercise_page(browser: Browser, session: str, config: Any) -> None:
         assert listed[failed_id]["outcome"] == "error"
         assert "CliError" in listed[failed_id]["cells"]
         assert page["restartMarkers"] >= 1  # the proactive restart on the timeline
+        # Usage per key, by name: the same counts as /health's.
+        ops = after["keys"]["ops"]
+        assert page["keys"] == [["ops", "5", "1", "0", "0", f"{ops['tokens']['prompt']:,}",
+                                 f"{ops['tokens']['completion']:,}"]]
+        assert KEY not in json.dumps(page)
 
         # The page loaded nothing but itself and its two JSON documents, and threw nothing.
         urls = {e["params"]["request"]["url"].split("?")[0] for e in browser.events

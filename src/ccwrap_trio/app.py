@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hmac
 import logging
 import re
 import time
@@ -23,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 from . import __version__, anthropic_messages, metrics, openai_api, openai_responses
 from .config import Config
 from .errors import CcwrapError
+from .keys import KeyRing, KeyStatistics
+from .limits import LimitsSnapshot
 from .memory import MemorySampler
 from .streaming import completion_stream
 from .supervisor import QueryHandle, Supervisor
@@ -45,15 +46,21 @@ BODY_ROUTES = frozenset(
 UNREAD_BODY_STATUSES = frozenset({401, 404, 405, 413})
 
 
-def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -> QuartTrio:
-    """The Quart-Trio app; the supervisor and sampler run beside it in the server's nursery."""
+def create_app(
+    config: Config, supervisor: Supervisor, sampler: MemorySampler, keys: KeyRing | None = None
+) -> QuartTrio:
+    """The Quart-Trio app; the supervisor and sampler run beside it in the server's nursery.
+
+    ``keys`` is the key ring clients authenticate against (default: built from ``config``);
+    the server shares its own so that a SIGHUP reload reaches the app.
+    """
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     # Quart cuts sending a response after 60 s by default; the query timeout governs instead.
     app.config["RESPONSE_TIMEOUT"] = None
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep documented field order
     started_at = time.time()  # wall clock: the app may be built before Trio runs (Hypercorn)
-    api_keys = [key.encode() for key in config.api_keys]
+    keyring = keys if keys is not None else KeyRing(config.api_keys, config.api_keys_file)
     http_requests = metrics.HttpRequests()
     registry = metrics.registry_for(config, supervisor, sampler, http_requests)
 
@@ -61,13 +68,11 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
     async def identify_and_authenticate() -> Any:
         given = request.headers.get("X-Request-ID", "")
         # An id that carries a key would publish it (/status/history is open, logs keep it).
-        usable = _REQUEST_ID.match(given) and not any(
-            key in given.encode() or (len(given) >= 8 and given.encode() in key)
-            for key in api_keys
-        )
+        usable = _REQUEST_ID.match(given) and not keyring.appears_in(given)
         g.request_id = given if usable else f"req_{uuid.uuid4().hex}"
-        if api_keys and request.path not in OPEN_PATHS:
-            return _authenticate(api_keys)
+        g.key_name = None  # the client key's name, once authenticated (never the key)
+        if keyring.enabled and request.path not in OPEN_PATHS:
+            return _authenticate(keyring)
         return None
 
     @app.after_request
@@ -97,10 +102,12 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             raise openai_api.model_not_found(chat.model)
         if chat.stream:
             handle = supervisor.submit(chat.content, request_id=g.request_id, stream=True,
-                                       structured=chat.structured, request=chat.core)
+                                       structured=chat.structured, request=chat.core,
+                                       key=g.key_name)
             return await _streaming_response(chat, handle, config.stream_keepalive_s)
         result = await supervisor.query(
-            chat.content, request_id=g.request_id, structured=chat.structured, request=chat.core
+            chat.content, request_id=g.request_id, structured=chat.structured, request=chat.core,
+            key=g.key_name,
         )
         text, finish_reason = openai_api.limit_answer(result.text, chat)
         return openai_api.completion_response(
@@ -119,13 +126,15 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             raise openai_api.model_not_found(req.model)
         if req.stream:
             handle = supervisor.submit(req.content, request_id=g.request_id, stream=True,
-                                       structured=req.structured, request=req.core)
+                                       structured=req.structured, request=req.core,
+                                       key=g.key_name)
             frames = openai_responses.response_stream(
                 req, handle, keepalive_s=config.stream_keepalive_s
             )
             return await _event_stream(frames)
         result = await supervisor.query(
-            req.content, request_id=g.request_id, structured=req.structured, request=req.core
+            req.content, request_id=g.request_id, structured=req.structured, request=req.core,
+            key=g.key_name,
         )
         return openai_responses.response_object(req, result)
 
@@ -140,13 +149,15 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             raise openai_api.model_not_found(core.model)
         if core.stream:
             handle = supervisor.submit(core.content, request_id=g.request_id, stream=True,
-                                       structured=core.structured, request=core)
+                                       structured=core.structured, request=core,
+                                       key=g.key_name)
             frames = anthropic_messages.message_stream(
                 parsed, handle, keepalive_s=config.stream_keepalive_s
             )
             return await _event_stream(frames)
         result = await supervisor.query(
-            core.content, request_id=g.request_id, structured=core.structured, request=core
+            core.content, request_id=g.request_id, structured=core.structured, request=core,
+            key=g.key_name,
         )
         return anthropic_messages.message_response(parsed, result)
 
@@ -197,6 +208,12 @@ def create_app(config: Config, supervisor: Supervisor, sampler: MemorySampler) -
             reasons.append("the queue is full")
         if supervisor.shutting_down:
             reasons.append("shutting down")
+        limits = stats.limits
+        if limits is not None and limits.limited:
+            blocked = supervisor.upstream.blocking()
+            reasons.append(f"usage limit: {blocked}" if blocked else "usage limit reached")
+        if limits is not None and limits.login_error:
+            reasons.append(limits.login_error)
         body = {"status": "not ready" if reasons else "ready", "reasons": reasons}
         return body, 503 if reasons else 200
 
@@ -266,8 +283,8 @@ def _has_body() -> bool:
     return "chunked" in request.headers.get("Transfer-Encoding", "") or length not in ("", "0")
 
 
-def _authenticate(api_keys: list[bytes]) -> Any:
-    """None when the request carries a configured key, else the 401 to answer."""
+def _authenticate(keyring: KeyRing) -> Any:
+    """None when the request carries a configured key (its name goes to ``g``), else the 401."""
     # "Bearer", any whitespace, the key (RFC 9110 allows tabs and runs of spaces).
     scheme, token = [*request.headers.get("Authorization", "").split(None, 1), "", ""][:2]
     given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
@@ -278,11 +295,10 @@ def _authenticate(api_keys: list[bytes]) -> Any:
             type="invalid_request_error", code="invalid_api_key",
         ), 401
     if given:
-        # Compare with every key, always: the time taken says nothing about which one is close.
-        matched = False
-        for key in api_keys:
-            matched |= hmac.compare_digest(given.encode(), key)
-        if matched:
+        # Compared with every key, always: the time taken says nothing about which one is close.
+        key = keyring.match(given)
+        if key is not None:
+            g.key_name = key.name
             return None
         message = "Incorrect API key provided."
         if anthropic_messages.owns(request.path):
@@ -342,6 +358,8 @@ def history_body(
              "duration_s": round(r.duration_s, 3)}
             for r in stats.requests
         ],
+        "keys": keys_body(stats.keys),
+        "usage_limits": limits_body(stats.limits),
         "limits": {
             "token_limit": config.token_limit,
             "turn_limit": config.turn_limit,
@@ -393,7 +411,46 @@ def health_body(
             "model": first.model if first else "",
             "cli_version": first.cli_version if first else "",
         },
+        "limits": limits_body(stats.limits),
+        "keys": keys_body(stats.keys),
         "uptime_s": round(time.time() - started_at, 1),
         "version": __version__,
         "time": int(time.time()),
+    }
+
+
+def limits_body(limits: LimitsSnapshot | None) -> dict[str, Any]:
+    """The API's usage windows as /health shows them; ``limited`` while requests get 429."""
+    if limits is None:
+        return {"limited": False, "limited_until": None, "login_ok": True, "windows": {}}
+    return {
+        "limited": limits.limited,
+        "limited_until": limits.limited_until,
+        "login_ok": limits.login_error is None,
+        "windows": {
+            window.name: {
+                # A used-up window whose reset has passed is "reset" until a turn reports it.
+                "status": "reset" if window.status == "rejected" and not window.rejected(
+                    limits.now) else window.status,
+                "utilization": window.utilization,
+                "resets_at": window.resets_at,
+            }
+            for window in limits.windows
+        },
+    }
+
+
+def keys_body(keys: tuple[KeyStatistics, ...]) -> dict[str, Any]:
+    """Usage per client key, by name (keys themselves never leave the key ring)."""
+    return {
+        key.name: {
+            "requests": {"success": key.successes, "error": key.errors,
+                         "rejected": key.rejected},
+            "in_flight": key.in_flight,
+            "tokens": {"prompt": key.prompt_tokens, "completion": key.completion_tokens,
+                       "cached": key.cached_tokens},
+            "window_tokens": key.window_tokens,
+            "limit": None if key.limit is None else dataclasses.asdict(key.limit),
+        }
+        for key in keys
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import toolbridge
+from . import keys, toolbridge
 from .errors import ConfigError
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -135,12 +135,25 @@ def _shell_words() -> tuple[Callable[[str], tuple[str, ...]], str]:
 
 def _key_list() -> tuple[Callable[[str], tuple[str, ...]], str]:
     def parse(text: str) -> tuple[str, ...]:
-        keys = tuple(key.strip() for key in text.split(",") if key.strip())
-        if any(len(key) < 8 for key in keys):
-            raise ValueError("short key")  # the value itself is never echoed: it is a secret
-        return keys
+        entries = tuple(key.strip() for key in text.split(",") if key.strip())
+        keys.parse_keys(entries)  # its errors name keys, never quote them: they are secrets
+        return entries
 
-    return parse, "comma-separated API keys of at least 8 characters each"
+    return parse, (
+        "comma-separated API keys ('name:key' or a plain key), each key of at least 8 "
+        "characters, names unique"
+    )
+
+
+def _key_limits() -> tuple[Callable[[str], Mapping[str, keys.KeyLimit]], str]:
+    return keys.parse_key_limits, (
+        "'NAME=in_flight:N,tokens:M[/SECONDS]' entries separated by ';' (NAME '*': every "
+        "other key)"
+    )
+
+
+def _optional_file() -> tuple[Callable[[str], Path | None], str]:
+    return (lambda text: Path(text).expanduser() if text.strip() else None), "a file path"
 
 
 def _model_list() -> tuple[Callable[[str], tuple[str, ...]], str]:
@@ -244,7 +257,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CCWRAP_API_KEYS", "api_keys", _key_list(), "",
-        "API keys clients must send (Bearer or x-api-key); unset: no auth",
+        "API keys clients must send (Bearer or x-api-key), 'name:key' or plain; unset: no auth",
+    ),
+    Setting(
+        "CCWRAP_API_KEYS_FILE", "api_keys_file", _optional_file(), "",
+        "a file of more keys, one 'name:key' per line, re-read on SIGHUP (keys stay out of ps)",
+    ),
+    Setting(
+        "CCWRAP_KEY_LIMITS", "key_limits", _key_limits(), "",
+        "per key name: requests in flight, tokens per rolling window (429 key_quota_exceeded)",
     ),
     Setting(
         "CCWRAP_MAX_BODY_BYTES", "max_body_bytes", _integer(1024), str(10 * 1024 * 1024),
@@ -332,6 +353,8 @@ class Config:
     shutdown_grace_s: float = 330.0  # longer than the query timeout: in-flight requests finish
     forward_api_key: bool = False
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: kept out of repr
+    api_keys_file: Path | None = None
+    key_limits: Mapping[str, keys.KeyLimit] = field(default_factory=dict)
     max_body_bytes: int = 10 * 1024 * 1024
     schema_repairs: int = 2
     stream_keepalive_s: float = 15.0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class CcwrapError(Exception):
-    """Base of every error ccwrap-trio raises on purpose."""
+    """Base of every error ccwrap-trio raises on purpose.
+
+    ``retry_after_s``, when set, is how long the client should wait before retrying: every front
+    end sends it as ``Retry-After`` (dialect-free: each maps the class to its own status and type).
+    """
+
+    retry_after_s: float | None = None
 
     def log_text(self) -> str:
         """The message for the logs: never client or model content (``str`` may quote some)."""
@@ -34,6 +40,36 @@ def _invalid_request(message: str, param: str | None, code: str | None) -> Inval
 
 class QueueFull(CcwrapError):
     """Too many requests are already waiting for a session."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UsageLimitReached(CcwrapError):
+    """The Claude subscription's usage window (5-hour, weekly...) is used up until ``resets_at``.
+
+    ``window`` is the CLI's name for it (``five_hour``, ``seven_day``...), ``resets_at`` epoch
+    seconds (None when the CLI did not say), ``retry_after_s`` the seconds left until then.
+    """
+
+    def __init__(
+        self, message: str, *, window: str, resets_at: float | None, retry_after_s: float
+    ) -> None:
+        super().__init__(message)
+        self.window = window
+        self.resets_at = resets_at
+        self.retry_after_s = retry_after_s
+
+
+class KeyQuotaExceeded(CcwrapError):
+    """A client API key is over its own limit (``CCWRAP_KEY_LIMITS``): in flight or tokens."""
+
+    def __init__(self, message: str, *, key: str, limit: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.key = key  # the key's name, never the key
+        self.limit = limit  # "in_flight" or "tokens"
+        self.retry_after_s = retry_after_s
 
 
 class SessionUnavailable(CcwrapError):
@@ -66,6 +102,30 @@ class CliError(CcwrapError):
 
 class ContextLengthExceeded(CliError):
     """The conversation no longer fits the model's context ("Prompt is too long")."""
+
+
+class UpstreamRateLimited(CliError):
+    """The Anthropic API answered 429 (an API key's rate limit), even after the CLI's retries."""
+
+    def __init__(
+        self, message: str, *, api_error_status: int | None = 429, retry_after_s: float
+    ) -> None:
+        super().__init__(message, api_error_status=api_error_status)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamOverloaded(CliError):
+    """The Anthropic API answered 529 (overloaded), even after the CLI's retries."""
+
+    def __init__(
+        self, message: str, *, api_error_status: int | None = 529, retry_after_s: float
+    ) -> None:
+        super().__init__(message, api_error_status=api_error_status)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamAuthFailed(CliError):
+    """The Anthropic API refused the CLI's login (401/403): the operator must log in again."""
 
 
 class EmptyResponse(CcwrapError):

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .config import Config
 from .memory import MB, MemorySampler
-from .stats import Histogram
+from .stats import Histogram, Statistics
 from .supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -177,8 +177,65 @@ class SnapshotCollector(Collector):
             "ccwrap_session_max_age_seconds", "CCWRAP_SESSION_MAX_AGE.",
             value=self._config.session_max_age_s,
         )
+        yield from _limits(stats)
+        yield from _keys(stats)
 
         yield InfoMetricFamily("ccwrap", "ccwrap-trio version.", value={"version": __version__})
+
+
+def _limits(stats: Statistics) -> Iterator[Metric]:
+    """The subscription's usage windows (rate_limit_event) and the login's health."""
+    limits = stats.limits
+    utilization = GaugeMetricFamily(
+        "ccwrap_usage_limit_utilization",
+        "Utilization (0-1) of each subscription usage window, as the API last reported it.",
+        labels=["window"],
+    )
+    resets = GaugeMetricFamily(
+        "ccwrap_usage_limit_resets_at_seconds",
+        "Unix time each subscription usage window resets.", labels=["window"],
+    )
+    for window in limits.windows if limits is not None else ():
+        if window.utilization is not None:
+            utilization.add_metric([window.name], window.utilization)
+        if window.resets_at is not None:
+            resets.add_metric([window.name], window.resets_at)
+    yield utilization
+    yield resets
+    limited = limits is not None and limits.limited
+    yield GaugeMetricFamily(
+        "ccwrap_usage_limited", "1 while a used-up usage window answers every request 429.",
+        value=int(limited),
+    )
+    yield GaugeMetricFamily(
+        "ccwrap_upstream_login_ok", "0 after the API refused the CLI's login (401/403).",
+        value=int(limits is None or limits.login_error is None),
+    )
+
+
+def _keys(stats: Statistics) -> Iterator[Metric]:
+    """Requests and tokens per client key name (label ``key``); they add up to the totals."""
+    requests = CounterMetricFamily(
+        "ccwrap_key_requests", "Completion requests by client key and outcome.",
+        labels=["key", "outcome"],
+    )
+    tokens = CounterMetricFamily(
+        "ccwrap_key_tokens", "Tokens of answered requests by client key.", labels=["key", "kind"],
+    )
+    in_flight = GaugeMetricFamily(
+        "ccwrap_key_in_flight", "Requests in flight by client key.", labels=["key"],
+    )
+    for key in stats.keys:
+        requests.add_metric([key.name, "success"], key.successes)
+        requests.add_metric([key.name, "error"], key.errors)
+        requests.add_metric([key.name, "rejected"], key.rejected)
+        tokens.add_metric([key.name, "prompt"], key.prompt_tokens)
+        tokens.add_metric([key.name, "completion"], key.completion_tokens)
+        tokens.add_metric([key.name, "cached"], key.cached_tokens)
+        in_flight.add_metric([key.name], key.in_flight)
+    yield requests
+    yield tokens
+    yield in_flight
 
 
 def _histogram(name: str, help_text: str, histogram: Histogram) -> HistogramMetricFamily:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import time
 import uuid
@@ -27,11 +28,16 @@ from .errors import (
     InvalidRequest,
     InvalidStructuredOutput,
     InvalidToolCall,
+    KeyQuotaExceeded,
     ModelNotFound,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
     SessionUnavailable,
+    UpstreamAuthFailed,
+    UpstreamOverloaded,
+    UpstreamRateLimited,
+    UsageLimitReached,
 )
 from .protocol import Usage
 from .structured import QUOTE_CHARS, StructuredOutput
@@ -557,17 +563,32 @@ ERRORS: tuple[tuple[type[CcwrapError], int, str, str | None], ...] = (
     (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
     (ContextLengthExceeded, 400, "invalid_request_error", "context_length_exceeded"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (UsageLimitReached, 429, "rate_limit_error", "usage_limit_reached"),
+    (KeyQuotaExceeded, 429, "rate_limit_error", "key_quota_exceeded"),
     (SessionUnavailable, 503, "service_unavailable", "session_unavailable"),
     (QueryTimeout, 504, "timeout", "query_timeout"),
     (EmptyResponse, 502, "api_error", "empty_response"),
     (InvalidStructuredOutput, 502, "api_error", "invalid_structured_output"),
     (InvalidToolCall, 502, "api_error", "invalid_tool_call"),
     (InternalError, 500, "server_error", None),
+    (UpstreamRateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
+    (UpstreamOverloaded, 503, "service_unavailable", "upstream_overloaded"),
+    (UpstreamAuthFailed, 502, "api_error", "upstream_auth_failed"),
     (CliError, 502, "api_error", "cli_error"),
     (SessionCrashed, 502, "api_error", "cli_crashed"),
 )
-# Seconds a client is told to wait before retrying a 429 or 503.
+# Seconds a client is told to wait before retrying a 429 or 503, unless the error says
+# (``CcwrapError.retry_after_s``: the queue's estimate, a usage window's reset, the API's own).
 RETRY_AFTER_S = {429: 1, 503: 5}
+
+
+def retry_after_headers(error: CcwrapError, status: int) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, rounded up) and, finer, ``retry-after-ms`` (the SDK's)."""
+    if error.retry_after_s is not None:
+        wait_s = max(0.0, error.retry_after_s)
+        return {"Retry-After": str(max(1, math.ceil(wait_s))),
+                "retry-after-ms": str(max(1000, round(wait_s * 1000)))}
+    return {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
 
 
 def error_response(error: CcwrapError) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -576,7 +597,7 @@ def error_response(error: CcwrapError) -> tuple[dict[str, Any], int, dict[str, s
             param = error.param if isinstance(error, InvalidRequest | ModelNotFound) else None
             if isinstance(error, InvalidRequest) and error.code is not None:
                 code = error.code
-            headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
+            headers = retry_after_headers(error, status)
             body = error_body(str(error), type=kind, param=param, code=code)
             return body, status, headers
     raise error

@@ -7,6 +7,7 @@ know are reported as ``Other`` and skipped by the session: new CLI versions add 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,50 @@ class TurnResult:
     # and the text streamed before them (a turn stopped for tools has no "result" text).
     tool_calls: tuple[ToolCall, ...] = ()
     model: str = ""
+    # Why the API refused the turn, as the CLI names it ("usage_limit_reached"), and, filled by
+    # the session, the turn's rate-limit reports and the CLI's last retry delay (from the API's
+    # retry-after, or its own backoff).
+    api_error: str | None = None
+    rate_limits: tuple[RateLimit, ...] = ()
+    retry_delay_ms: int | None = None
 
     @property
     def interrupted(self) -> bool:
         return self.terminal_reason == "aborted_streaming"
+
+
+@dataclass(frozen=True)
+class RateLimitWindow:
+    """One subscription window (``five_hour``, ``seven_day``...) in a ``rate_limit_event``."""
+
+    name: str
+    status: str  # allowed, allowed_warning, rejected
+    utilization: float | None = None  # 0..1
+    resets_at: int | None = None  # epoch seconds
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """``rate_limit_event``: the subscription's usage as the API's unified headers reported it.
+
+    ``status`` is the request's (``allowed``, ``allowed_warning``, ``rejected``), ``window`` the
+    window that decided it; ``windows`` every window the event described.
+    """
+
+    status: str
+    window: str
+    resets_at: int | None
+    utilization: float | None
+    windows: tuple[RateLimitWindow, ...] = ()
+
+
+@dataclass(frozen=True)
+class ApiRetry:
+    """``system/api_retry``: the CLI retries a failed API call after ``retry_delay_ms``."""
+
+    attempt: int
+    retry_delay_ms: int
+    error_status: int | None
 
 
 @dataclass(frozen=True)
@@ -155,7 +196,7 @@ class NotJson:
 
 Event = (
     TurnResult | Init | TextDelta | MessageStart | ToolUseStart | ToolInputDelta | MessageDelta
-    | MessageStop | ControlRequest | ControlResponse | Other | NotJson
+    | MessageStop | ControlRequest | ControlResponse | RateLimit | ApiRetry | Other | NotJson
 )
 # What a turn reports while it runs, for streaming (tool calls in the client's names).
 Progress = TextDelta | MessageStart | ToolCallStart | ToolCallDelta
@@ -211,6 +252,12 @@ def parse_line(raw: bytes | str) -> Event:
         return ControlResponse(str(response.get("request_id", "")),
                                str(response.get("subtype", "")),
                                inner if isinstance(inner, dict) else {})
+    if kind == "rate_limit_event":
+        return _rate_limit(message.get("rate_limit_info"))
+    if kind == "system" and message.get("subtype") == "api_retry":
+        status = message.get("error_status")
+        return ApiRetry(_count(message.get("attempt")), _count(message.get("retry_delay_ms")),
+                        status if isinstance(status, int) else None)
     if kind == "system" and message.get("subtype") == "init":
         return Init(
             session_id=str(message.get("session_id", "")),
@@ -277,6 +324,7 @@ def control_error_line(request_id: str, message: str) -> bytes:
 def _result(message: dict[str, Any]) -> TurnResult:
     status = message.get("api_error_status")
     local = message.get("local_command")
+    api_error = message.get("api_error")
     text = message.get("result")
     if not isinstance(text, str):
         # An interrupted turn has no "result"; its "errors" say what happened.
@@ -298,7 +346,48 @@ def _result(message: dict[str, Any]) -> TurnResult:
         stop_reason=message.get("stop_reason") if isinstance(
             message.get("stop_reason"), str
         ) else None,
+        api_error=api_error if isinstance(api_error, str) else None,
     )
+
+
+def _rate_limit(info: Any) -> RateLimit:
+    info = info if isinstance(info, dict) else {}
+    windows = info.get("unifiedWindows")
+    parsed = tuple(
+        RateLimitWindow(str(name), _status(data.get("status"), info), _fraction(
+            data.get("utilization")), _epoch(data.get("resetsAt")))
+        for name, data in (windows.items() if isinstance(windows, dict) else ())
+        if isinstance(data, dict)
+    )
+    window = str(info.get("rateLimitType") or (parsed[0].name if parsed else "unknown"))
+    return RateLimit(
+        status=_status(info.get("status"), {}),
+        window=window,
+        resets_at=_epoch(info.get("resetsAt")),
+        utilization=_fraction(info.get("utilization")),
+        windows=parsed,
+    )
+
+
+def _status(value: Any, info: dict[str, Any]) -> str:
+    # A window without its own status shares the request's.
+    if value in ("allowed", "allowed_warning", "rejected"):
+        return str(value)
+    fallback = info.get("status")
+    return str(fallback) if fallback in ("allowed", "allowed_warning", "rejected") else "allowed"
+
+
+def _fraction(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf:
+        return float(value)
+    return None
+
+
+def _epoch(value: Any) -> int | None:
+    # JSON numbers can be huge (1e400 parses as inf): only a real time is one.
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**40:
+        return int(value)
+    return None
 
 
 def _count(value: Any) -> int:

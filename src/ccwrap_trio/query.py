@@ -15,6 +15,7 @@ import trio
 from . import protocol
 from .core import Content, CoreRequest, ToolCallDelta, ToolCallStart
 from .errors import CcwrapError, QueryTimeout
+from .keys import KeyAccount
 from .stats import Activity, Counters
 from .structured import StructuredOutput
 
@@ -62,8 +63,10 @@ class QueryHandle:
         counters: Counters,
         activity: Activity,
         timeout_s: float,
+        account: KeyAccount | None = None,
     ) -> None:
         self._query = query
+        self._account = account  # the client key's usage, counted beside the totals
         self._replies = replies
         self._counters = counters
         self._activity = activity
@@ -119,6 +122,8 @@ class QueryHandle:
             self._counters.prompt_tokens += usage.prompt_tokens
             self._counters.completion_tokens += usage.output_tokens
             self._counters.cached_tokens += usage.cache_read_input_tokens
+            if self._account is not None:
+                self._account.used(usage, trio.current_time())
             self._finish("success")
         return item
 
@@ -143,6 +148,8 @@ class QueryHandle:
         if query.first_token_at is not None:
             self._activity.ttft.observe(query.first_token_at - query.arrived_at)
         counters = self._counters
+        if self._account is not None:
+            self._account.finished(outcome)
         if outcome == "success":
             counters.successes += 1
         else:

@@ -20,7 +20,6 @@ from .config import Config
 from .core import CoreRequest
 from .errors import (
     CcwrapError,
-    CliError,
     ContextLengthExceeded,
     EmptyResponse,
     InternalError,
@@ -29,6 +28,7 @@ from .errors import (
     QueryTimeout,
     SessionCrashed,
 )
+from .limits import UpstreamState
 from .query import Query
 from .session import OnProgress, SessionLike
 from .stats import Counters
@@ -74,9 +74,13 @@ async def clear_within(session: SessionLike, timeout_s: float) -> None:
 class RequestRunner:
     """Runs the queries of one worker, one at a time, each on the session it is given."""
 
-    def __init__(self, config: Config, counters: Counters) -> None:
+    def __init__(
+        self, config: Config, counters: Counters, upstream: UpstreamState | None = None
+    ) -> None:
         self._config = config
         self._counters = counters
+        # The API's usage windows and the login's health, as turns report them.
+        self._upstream = upstream or UpstreamState()
         self.active: Query | None = None  # the query being run
         # Set when a turn shows the session cannot go on (its context is full, /clear froze).
         self.recycle: Restart | None = None
@@ -88,6 +92,10 @@ class RequestRunner:
         """
         if query.abandoned:
             return False  # its client is gone: it never reaches the CLI
+        if (blocked := self._upstream.blocking()) is not None:
+            # The usage window is used up: the turn would fail the same way. Not spent.
+            reply(query, blocked)
+            return False
         session.requests += 1
         self.active = query
         on_progress = self._progress(query)
@@ -265,12 +273,10 @@ class RequestRunner:
         )
 
     def _check(self, result: protocol.TurnResult) -> None:
-        if not result.is_error:
-            return
-        message = result.text or f"CLI turn failed ({result.subtype})"
-        if "prompt is too long" in message.lower():
-            raise ContextLengthExceeded(message, api_error_status=result.api_error_status)
-        raise CliError(message, api_error_status=result.api_error_status)
+        self._upstream.observe(result)
+        if result.is_error:
+            # The API status keeps its meaning: usage limit, 429, 529, login refused...
+            raise self._upstream.classify(result)
 
     async def _abort_turn(self, session: SessionLike, query: Query) -> None:
         """The client gave up mid-turn: interrupt the CLI and drain, or give the session up."""

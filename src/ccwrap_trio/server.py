@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 
 from .app import create_app
 from .config import Config
+from .keys import KeyRing
 from .memory import MemorySampler
 from .sandbox import Sandbox, cli_sandbox, forget_cli_session
 from .session import open_session
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class Services:
-    """The supervisor and the memory sampler, and the CLI sandbox they need."""
+    """The supervisor, the memory sampler and the key ring, and the CLI sandbox they need."""
 
     def __init__(self, config: Config, session_factory: SessionFactory | None = None) -> None:
         self.config = config
@@ -41,12 +42,14 @@ class Services:
             config, session_factory or self._open_session, sessions=config.sessions
         )
         self.sampler = MemorySampler(config.memory_sample_interval_s, self.supervisor.cli_pids)
+        # The client keys; the key file is read now (a bad one stops the start) and on SIGHUP.
+        self.keys = KeyRing(config.api_keys, config.api_keys_file)
 
     def __repr__(self) -> str:
         return f"<Services {self.supervisor!r} {self.sampler!r}>"
 
     def create_app(self) -> QuartTrio:
-        return create_app(self.config, self.supervisor, self.sampler)
+        return create_app(self.config, self.supervisor, self.sampler, self.keys)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ready once queries are accepted and memory is sampled."""
@@ -54,6 +57,7 @@ class Services:
             self.sandbox = sandbox
             await nursery.start(self.supervisor.run)
             await nursery.start(self.sampler.run)
+            await nursery.start(self.keys.run)
             task_status.started()
 
     @asynccontextmanager

@@ -376,11 +376,19 @@ class _TurnState:
     stop_reason: str | None = None  # from message_delta
     stopped: bool = False  # message_stop seen
     held: list[str] = field(default_factory=list)
+    rate_limits: list[protocol.RateLimit] = field(default_factory=list)
+    retry_delay_ms: int | None = None  # the CLI's last api_retry
     # The API call under way: its text, and whether its stream is still open (no message_stop).
     attempt_text: list[str] = field(default_factory=list)
     attempt_open: bool = False
 
     def progress(self, event: protocol.Event) -> protocol.Progress | None:
+        if isinstance(event, protocol.RateLimit):
+            self.rate_limits.append(event)
+            return None
+        if isinstance(event, protocol.ApiRetry):
+            self.retry_delay_ms = event.retry_delay_ms
+            return None
         if isinstance(event, protocol.TextDelta):
             self.text.append(event.text)
             self.attempt_text.append(event.text)
@@ -401,6 +409,8 @@ class _TurnState:
         return None
 
     def finish(self, result: protocol.TurnResult) -> protocol.TurnResult:
+        result = dataclasses.replace(result, rate_limits=tuple(self.rate_limits),
+                                     retry_delay_ms=self.retry_delay_ms)
         calls = tuple(ToolCall(id_, name, arguments or "{}")
                       for id_, name, arguments in self.calls.values())
         # Stopped by our denial: aborted_tools; aborted_streaming if the CLI still read the

@@ -30,6 +30,7 @@ import math
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -46,6 +47,7 @@ Directives, written anywhere in the last user text block of a request:
   [standin:delay=SECONDS]    sleep between text deltas
   [standin:status=CODE]      answer HTTP CODE with an Anthropic error body
                              (400 invalid_request_error, 529 overloaded_error, else api_error...)
+  [standin:retry-after=SECONDS] with status=CODE: send a retry-after header, as the API does
   [standin:hang]             read the request, never answer, wait for the client to go away
   [standin:drop]             close the connection right after the message_start event
   [standin:drop-mid-once]    the first call with this text closes the connection after half
@@ -113,6 +115,49 @@ class StandinConfig:
     cache_read_input_tokens: int = 0
 
 
+# The subscription windows the real API reports (``anthropic-ratelimit-unified-<abbr>-*``).
+UNIFIED_WINDOWS = {"five_hour": "5h", "seven_day": "7d"}
+
+
+@dataclass
+class UnifiedLimit:
+    """A subscription's usage window, sent as the ``anthropic-ratelimit-unified-*`` headers.
+
+    Set ``Standin.unified`` to one to answer as the API does for a Claude subscription (an OAuth
+    login): ``utilization`` 1.0 is a used-up window, answered 429 until ``resets_at`` (epoch
+    seconds), after which the window is fresh again (utilization 0); 0.9 and up is a warning.
+    """
+
+    window: str = "five_hour"
+    utilization: float = 0.0
+    resets_at: float = 0.0
+
+    def status(self, now: float) -> str:
+        if now >= self.resets_at:
+            self.utilization = 0.0  # the window rolled over
+        if self.utilization >= 1.0:
+            return "rejected"
+        return "allowed_warning" if self.utilization >= 0.9 else "allowed"
+
+    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
+        status = self.status(now)
+        abbr = UNIFIED_WINDOWS[self.window]
+        reset = str(int(self.resets_at)).encode()
+        prefix = b"anthropic-ratelimit-unified-"
+        return [
+            (prefix + b"status", status.encode()),
+            (prefix + b"reset", reset),
+            (prefix + b"representative-claim", self.window.encode()),
+            (prefix + b"overage-status", b"rejected"),
+            (prefix + b"overage-disabled-reason", b"org_level_disabled"),
+            (prefix + abbr.encode() + b"-utilization", f"{self.utilization:g}".encode()),
+            (prefix + abbr.encode() + b"-reset", reset),
+            (prefix + abbr.encode() + b"-status", status.encode()),
+            *([(prefix + abbr.encode() + b"-surpassed-threshold", b"0.9")]
+              if status == "allowed_warning" else []),
+        ]
+
+
 @dataclass
 class RecordedCall:
     """One ``/v1/messages`` call: what came in and what went out.
@@ -151,6 +196,7 @@ class Directives:
     latency_s: float | None = None
     delay_s: float | None = None
     status: int | None = None
+    retry_after_s: float | None = None
     hang: bool = False
     drop: bool = False
     reply: str | None = None
@@ -182,6 +228,11 @@ def parse_directives(text: str) -> tuple[Directives, str]:
                 if not 100 <= code <= 599:
                     raise DirectiveError(f"[standin:status] needs an HTTP status, got {value!r}")
                 found.status = code
+            elif name == "retry-after":
+                seconds = float(_require(name, value))
+                if not math.isfinite(seconds) or seconds < 0:
+                    raise DirectiveError(f"[standin:retry-after] needs seconds >= 0, got {value!r}")
+                found.retry_after_s = seconds
             elif name == "tool-use":
                 found.tool_use = _require(name, value).strip()
             elif name == "call":
@@ -584,6 +635,7 @@ class _Plan:
     latency_s: float
     delay_s: float
     error_message: str = ""
+    retry_after_s: float | None = None  # [standin:retry-after] with a status fault
     message_id: str = ""
     request_id: str = ""
     model: str = "claude-standin"
@@ -617,7 +669,8 @@ class Standin:
 
     ``calls`` lists every ``/v1/messages`` call in order (appended when the request arrives,
     so a test can see a hung call), ``requests`` every HTTP request of any kind, and ``url`` is
-    ``http://HOST:PORT`` once ``serve`` has bound.
+    ``http://HOST:PORT`` once ``serve`` has bound. ``unified``, when set, is the subscription
+    window every answer reports (and enforces): see ``UnifiedLimit``.
     """
 
     def __init__(self, config: StandinConfig | None = None) -> None:
@@ -629,6 +682,7 @@ class Standin:
         self._seq = 0
         self._changed = trio.Event()
         self._faulted_once: set[str] = set()  # texts whose *-once fault has been played
+        self.unified: UnifiedLimit | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Standin] = trio.TASK_STATUS_IGNORED
@@ -762,6 +816,11 @@ class Standin:
         if directives.status is not None and directives.status != 200:
             call.status, call.fault = directives.status, "status"
             plan.error_message = f"standin: injected HTTP {directives.status}"
+            plan.retry_after_s = directives.retry_after_s
+            return plan
+        if self.unified is not None and self.unified.status(time.time()) == "rejected":
+            call.status, call.fault = 429, "usage-limit"
+            plan.error_message = "This request would exceed your account's rate limit."
             return plan
 
         offered = [t for t in map(lambda n: offered_tool(body, n), requested_calls(body)) if t]
@@ -822,12 +881,15 @@ class Standin:
         if call.status != 200:
             # As the real API: worth retrying for overload and server errors, not for 4xx.
             retry = b"true" if call.status >= 500 or call.status in (408, 409, 429) else b"false"
+            extra = self._unified_headers()
+            if plan.retry_after_s is not None:
+                extra.append((b"retry-after", f"{plan.retry_after_s:g}".encode()))
             await self._send_json(
                 stream,
                 conn,
                 call.status,
                 _error_body(call.status, plan.error_message),
-                [(b"request-id", plan.request_id.encode()), (b"x-should-retry", retry)],
+                [(b"request-id", plan.request_id.encode()), (b"x-should-retry", retry), *extra],
             )
             return
         if not call.stream:
@@ -838,7 +900,7 @@ class Standin:
                 conn,
                 200,
                 self._full_message(plan),
-                [(b"request-id", plan.request_id.encode())],
+                [(b"request-id", plan.request_id.encode()), *self._unified_headers()],
             )
             return
 
@@ -846,6 +908,7 @@ class Standin:
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"request-id", plan.request_id.encode()),
+            *self._unified_headers(),
         ]
         await stream.send_all(conn.send(_response(200, headers)))
         deltas_sent = 0
@@ -865,6 +928,9 @@ class Standin:
             if chunk.startswith(b"event: content_block_delta") and plan.delay_s > 0:
                 await trio.sleep(plan.delay_s)
         await stream.send_all(conn.send(h11.EndOfMessage()))
+
+    def _unified_headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.unified is None else self.unified.headers(time.time())
 
     def _start_usage(self, plan: _Plan) -> dict[str, int]:
         # As the real API: message_start carries the input side and a placeholder output count.

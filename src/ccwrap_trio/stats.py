@@ -4,14 +4,23 @@ render. Plain data; the supervisor updates it, ``Supervisor.statistics()`` snaps
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from .keys import KeyStatistics
+from .limits import LimitsSnapshot
 
 # Seconds: from a fast warm turn (~50 ms) to the default query timeout (300 s).
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # How many recent restarts and request outcomes are kept for the status page.
 RECENT = 100
+# Service times (a query taken to its session ready for the next) behind the queue's Retry-After.
+SERVICE_SAMPLES = 50
+# The service time assumed before any query finished: a warm turn is ~0.1 s, a real answer
+# a few seconds.
+DEFAULT_SERVICE_S = 1.0
 
 
 @dataclass
@@ -90,6 +99,14 @@ class Activity:
     ttft: Histogram = field(default_factory=Histogram)
     restarts: deque[RestartEvent] = field(default_factory=lambda: deque(maxlen=RECENT))
     requests: deque[RequestOutcome] = field(default_factory=lambda: deque(maxlen=RECENT))
+    service: deque[float] = field(default_factory=lambda: deque(maxlen=SERVICE_SAMPLES))
+
+    def served(self, duration_s: float) -> None:
+        """A worker finished a query and is ready for the next, ``duration_s`` after taking it."""
+        self.service.append(duration_s)
+
+    def median_service_s(self) -> float:
+        return statistics.median(self.service) if self.service else DEFAULT_SERVICE_S
 
     def restarted(self, kind: str, detail: str) -> None:
         self.restarts.append(RestartEvent(time.time(), kind, detail))
@@ -134,6 +151,8 @@ class Statistics:
     ttft: Histogram
     restarts: tuple[RestartEvent, ...]
     requests: tuple[RequestOutcome, ...]
+    limits: LimitsSnapshot | None = None  # the API's usage windows, the login's health
+    keys: tuple[KeyStatistics, ...] = ()  # usage per client key name
 
     @property
     def token_pct(self) -> float:

@@ -29,6 +29,8 @@ from .errors import (
     ShuttingDown,
     SpawnFailed,
 )
+from .keys import KeyAccounts
+from .limits import UpstreamState
 from .memory import process_tree_rss_mb, server_rss_mb
 from .query import Query, QueryHandle, Reply
 from .request_policy import RequestRunner, Restart, clear_within, reply
@@ -69,6 +71,7 @@ class SessionWorker:
         counters: Counters,
         activity: Activity,
         rss_probe: RssProbe | None = None,
+        upstream: UpstreamState | None = None,
         *,
         first_max_requests: int | None = None,
     ) -> None:
@@ -80,7 +83,7 @@ class SessionWorker:
         # How big a CLI process tree is, in MB (psutil; tests give a fake).
         self._rss_probe = rss_probe or _cli_rss_mb
         self._rss_checked_at = -math.inf
-        self._runner = RequestRunner(config, counters)  # one request's policy
+        self._runner = RequestRunner(config, counters, upstream)  # one request's policy
         # Requests the current session's CLI may serve. The pool's first sessions get staggered
         # budgets (Supervisor), so that they do not all reach the limit at once.
         self._max_requests = first_max_requests or config.session_max_requests
@@ -222,6 +225,7 @@ class SessionWorker:
     ) -> tuple[Restart, Query | None]:
         """Answer queries on ``session`` until it must be replaced; say why."""
         needs_clear = False
+        served_at = 0.0  # when the query whose /clear is due was taken
         while True:
             # The /clear first: it empties the conversation, so only an accumulating one
             # (isolation none) or the process's own lifetime can call for a new CLI.
@@ -233,6 +237,7 @@ class SessionWorker:
                 except QueryTimeout as exc:
                     return Restart("timeout", str(exc)), pending
                 needs_clear = False
+                self._activity.served(trio.current_time() - served_at)
             if (restart := await self._restart_needed(session)) is not None:
                 return restart, pending
             query: Query | None
@@ -253,12 +258,18 @@ class SessionWorker:
             if not session.alive:
                 # It died before this query reached it: respawn and serve the query there.
                 return Restart("crash", session.describe_exit()), query
+            taken_at = trio.current_time()
             self._spawner.request_started()
             try:
                 ran = await self._runner.run(session, query)
             finally:
                 self._spawner.request_ended()
             needs_clear = ran and self._config.isolation == "clear"
+            if ran:
+                # The query's service time runs until the session is ready for the next one.
+                served_at = taken_at
+                if not needs_clear:
+                    self._activity.served(trio.current_time() - served_at)
             if not session.alive:
                 kind = "timeout" if query.abandoned == "timeout" else "crash"
                 return Restart(kind, session.broken or session.describe_exit()), None
@@ -334,6 +345,9 @@ class Supervisor:
         self._send, self._receive = trio.open_memory_channel[Query](config.max_queue)
         self.counters = Counters()
         self.activity = Activity()
+        # The API's usage windows and the login's health; usage and limits per client key.
+        self.upstream = UpstreamState()
+        self.keys = KeyAccounts(config.key_limits)
         self.spawner = Spawner(
             open_session, standby=config.standby, spares=config.standby_spares
         )
@@ -341,12 +355,15 @@ class Supervisor:
         self.workers = [
             SessionWorker(
                 config, self.spawner, self._receive, self.counters, self.activity, rss_probe,
+                self.upstream,
                 # Worker k's first CLI retires after (1 - k/2N) of the budget: spread out.
                 first_max_requests=max(1, budget - index * budget // (2 * sessions)),
             )
             for index in range(sessions)
         ]
         self._shutting_down = False
+        # Where the queue's Retry-After promises the next freed slot (see _queue_retry_after).
+        self._promised_at = -math.inf
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -400,7 +417,28 @@ class Supervisor:
             ttft=self.activity.ttft.copy(),
             restarts=tuple(self.activity.restarts),
             requests=tuple(self.activity.requests),
+            limits=self.upstream.snapshot(),
+            keys=self.keys.statistics(trio.current_time()),
         )
+
+    def _slot_wait_s(self) -> float:
+        """How long one queue slot takes to free: the recent median service time per session."""
+        return self.activity.median_service_s() / len(self.workers)
+
+    def _queue_retry_after(self, now: float) -> float:
+        """Retry-After for a full queue: when a slot should be free for this client.
+
+        The backlog (waiting and running requests) times the recent median service time over
+        the sessions, at least 1 s. Requests already told to come back count in the backlog,
+        so a burst of rejections is spread over the time the queue takes to drain instead of
+        returning all at once to a queue that is full again.
+        """
+        backlog = self._send.statistics().current_buffer_used + sum(
+            worker.active is not None for worker in self.workers)
+        slot_s = self._slot_wait_s()
+        drained_at = now + backlog * slot_s
+        self._promised_at = max(self._promised_at, drained_at) + slot_s
+        return max(1.0, self._promised_at - now)
 
     def submit(
         self,
@@ -410,15 +448,20 @@ class Supervisor:
         stream: bool = False,
         structured: StructuredOutput | None = None,
         request: CoreRequest | None = None,
+        key: str | None = None,
     ) -> QueryHandle:
-        """Put a query in the queue at once, or raise QueueFull / SessionUnavailable.
+        """Put a query in the queue at once, or raise QueueFull / SessionUnavailable /
+        UsageLimitReached / KeyQuotaExceeded.
 
-        The caller reads its events from the returned handle and closes it (``with``); the
-        request counts as exactly one success, error or rejection.
+        ``key`` is the client key's name (never the key): usage and limits are counted per
+        name. The caller reads its events from the returned handle and closes it (``with``);
+        the request counts as exactly one success, error or rejection, in the totals and for
+        its key.
         """
         counters = self.counters
         counters.total_requests += 1
         request_id = request_id or uuid.uuid4().hex
+        account = self.keys.account(key) if key is not None else None
         try:
             if self._shutting_down:
                 raise ShuttingDown("the server is shutting down")
@@ -426,7 +469,11 @@ class Supervisor:
                 raise SessionUnavailable(
                     "no CLI session: recovery failed; retrying in the background"
                 )
+            if (blocked := self.upstream.blocking()) is not None:
+                raise blocked  # no CLI turn: it would fail the same way until the reset
             now = trio.current_time()
+            if account is not None:
+                account.admit(now, slot_wait_s=self._slot_wait_s())
             reply_send, reply_receive = trio.open_memory_channel[Reply](math.inf)
             query = Query(
                 content=content,
@@ -441,13 +488,21 @@ class Supervisor:
             try:
                 self._send.send_nowait(query)
             except trio.WouldBlock:
-                raise QueueFull(f"{self._config.max_queue} requests are already waiting") from None
+                raise QueueFull(
+                    f"{self._config.max_queue} requests are already waiting",
+                    retry_after_s=self._queue_retry_after(now),
+                ) from None
         except CcwrapError as exc:
             counters.rejected += 1
+            if account is not None:
+                account.rejected += 1
             self.activity.finished(request_id, "rejected", type(exc).__name__, 0.0)
             raise
+        if account is not None:
+            account.in_flight += 1
         return QueryHandle(
-            query, reply_receive, counters, self.activity, self._config.query_timeout_s
+            query, reply_receive, counters, self.activity, self._config.query_timeout_s,
+            account,
         )
 
     async def query(
@@ -457,13 +512,14 @@ class Supervisor:
         request_id: str | None = None,
         structured: StructuredOutput | None = None,
         request: CoreRequest | None = None,
+        key: str | None = None,
     ) -> protocol.TurnResult:
         """Answer one request through a session (no streaming): its final result.
 
         Raises QueueFull, SessionUnavailable/ShuttingDown, QueryTimeout, or the turn's CcwrapError.
         """
         with self.submit(
-            content, request_id=request_id, structured=structured, request=request
+            content, request_id=request_id, structured=structured, request=request, key=key
         ) as handle:
             while True:
                 event = await handle.next_event()
