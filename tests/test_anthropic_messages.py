@@ -18,13 +18,19 @@ from ccwrap_trio.core import ToolCall
 from ccwrap_trio.errors import (
     CcwrapError,
     InvalidRequest,
+    KeyQuotaExceeded,
     QueryTimeout,
     QueueFull,
     SessionCrashed,
     SessionUnavailable,
+    UpstreamAuthFailed,
+    UpstreamOverloaded,
+    UpstreamRateLimited,
+    UsageLimitReached,
 )
 
 from .conftest import running_server
+from .fakes import FakeSessions
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -170,6 +176,13 @@ def test_tool_calls_are_tool_use_blocks() -> None:
     (SessionUnavailable("x"), 529, "overloaded_error"),
     (QueryTimeout("x"), 504, "timeout_error"),
     (SessionCrashed("x"), 500, "api_error"),
+    (UsageLimitReached("x", window="five_hour", resets_at=None, retry_after_s=5), 429,
+     "rate_limit_error"),
+    (KeyQuotaExceeded("x", key="k", limit="in_flight:1", retry_after_s=1), 429,
+     "rate_limit_error"),
+    (UpstreamRateLimited("x", retry_after_s=3), 429, "rate_limit_error"),
+    (UpstreamOverloaded("x", retry_after_s=3), 529, "overloaded_error"),
+    (UpstreamAuthFailed("x"), 500, "api_error"),
 ])
 def test_error_table(error: CcwrapError, status: int, kind: str) -> None:
     body, got = anthropic_messages.error_response(error)
@@ -308,3 +321,23 @@ async def test_commands_in_any_field_reach_the_cli_as_text(
 
 
 CLEAR = '{"type":"user","message":{"role":"user","content":"/clear"}}'
+
+
+async def test_a_used_up_usage_window_is_an_anthropic_429_with_retry_after(
+    make_config: Any,
+) -> None:
+    sessions = FakeSessions()
+    async with running_server(make_config(), session_factory_override=sessions) as url, \
+            httpx.AsyncClient(base_url=url, timeout=30) as http:
+        first = await http.post("/v1/messages", json={
+            "max_tokens": 16, "messages": user("usage-limit=120")})
+        again = await http.post("/v1/messages", json={"max_tokens": 16, "messages": user("hi")})
+    for response in (first, again):
+        assert response.status_code == 429
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == "rate_limit_error"
+        assert 100 <= int(response.headers["retry-after"]) <= 121
+        assert response.headers["request-id"]
+    assert "five_hour" in again.json()["error"]["message"] or "5-hour" in again.json()[
+        "error"]["message"]
+    assert len(sessions.sessions[0].prompts) == 1  # the second never reached the CLI
