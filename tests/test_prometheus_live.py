@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's ``prometheus``) scrapes a live server over the fake CLI.
+"""A real Prometheus (Debian's ``prometheus``) scrapes a live server over fake sessions.
 
 It loads the alert rules of container/prometheus-rules.yaml (every rule must evaluate without
 error) and runs every query of the Grafana dashboard container/grafana/ccwrap-trio.json, which
@@ -22,6 +22,7 @@ import trio
 import yaml
 
 from .conftest import ROOT, running_server
+from .fakes import FakeSessions
 
 DASHBOARD = ROOT / "container/grafana/ccwrap-trio.json"
 RULES = ROOT / "container/prometheus-rules.yaml"
@@ -29,6 +30,7 @@ JOB = "ccwrap-trio"
 # Grafana's variables, as the dashboard's "All" selections and a short range expand them. The
 # window spans many 0.5 s scrapes, and the whole test runs well inside it.
 RATE_INTERVAL = "2m"
+KEY = "sk-team-live-prometheus-0001"
 
 
 def dashboard() -> dict[str, Any]:
@@ -76,7 +78,9 @@ def test_dashboard_panels_use_the_datasource_variable_and_known_metrics() -> Non
                    "ccwrap_request_duration_seconds_bucket",
                    "ccwrap_time_to_first_token_seconds_bucket", "ccwrap_queue_depth",
                    "ccwrap_session_up", "ccwrap_restarts_total",
-                   "ccwrap_server_resident_memory_bytes", "ccwrap_cli_resident_memory_bytes"):
+                   "ccwrap_server_resident_memory_bytes", "ccwrap_cli_resident_memory_bytes",
+                   "ccwrap_usage_limit_utilization", "ccwrap_usage_limited",
+                   "ccwrap_key_tokens_total", "ccwrap_key_requests_total"):
         assert metric in exprs, metric
 
 
@@ -101,7 +105,13 @@ async def test_prometheus_scrapes_loads_the_rules_and_every_panel_returns_data(
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    async with running_server(make_config()) as url, httpx.AsyncClient(base_url=url) as http:
+    # A named client key (tokens per key), and in-memory sessions that can report a used-up
+    # usage window (the fake CLI cannot): every panel then has data to show.
+    async with running_server(
+        make_config(api_keys=(f"team:{KEY}",)), session_factory_override=FakeSessions()
+    ) as url, httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}
+    ) as http:
         port = free_port()
         config = {
             "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms"},
@@ -150,6 +160,10 @@ async def _check(http: httpx.AsyncClient, prom: httpx.AsyncClient) -> None:
     assert (await http.post("/v1/chat/completions", json={"model": "haiku"})).status_code == 400
     assert (await http.get("/v1/nothing-here")).status_code == 404
     await _wait_query(prom, 'ccwrap_requests_total{outcome="success"} == 3', bool)
+    # The subscription's 5-hour window used up: a 429, and the window in /metrics.
+    limited = {"model": "haiku", "messages": [{"role": "user", "content": "usage-limit=3600"}]}
+    assert (await http.post("/v1/chat/completions", json=limited)).status_code == 429
+    await _wait_query(prom, "ccwrap_usage_limited == 1", bool)
     # Two samples of the newest series (the 400s), so each series has a rate.
     await _wait_query(
         prom, f'count_over_time(ccwrap_http_requests_total{{status="400"}}[{RATE_INTERVAL}]) >= 2',
