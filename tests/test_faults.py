@@ -20,7 +20,7 @@ import psutil
 import pytest
 import trio
 
-from .conftest import running_server, wait_for, write_executable
+from .conftest import running_server, wait_for, wait_for_health, write_executable
 
 
 def fake_clis() -> list[psutil.Process]:
@@ -188,12 +188,16 @@ async def test_disconnect_while_queued_and_while_running(
     config = make_config(env={"FAKE_CLAUDE_LOG": str(log)})
     async with running_server(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, http, "FAKE:sleep=1 first")
-            await trio.sleep(0.3)
-            with trio.move_on_after(0.3):  # queued behind the first, then the client leaves
-                await ask(http, "queued and abandoned")
-            with trio.move_on_after(1.5):  # running (hangs), then the client leaves
-                await ask(http, "FAKE:hang running and abandoned")
+            nursery.start_soon(ask, http, "FAKE:sleep=2 first")
+            await wait_for_health(http, lambda h: h["active_queries"] == 1)
+            async with trio.open_nursery() as waiting:  # queued behind the first, then it leaves
+                waiting.start_soon(ask, http, "queued and abandoned")
+                await wait_for_health(http, lambda h: h["queued"] == 1)
+                waiting.cancel_scope.cancel()
+            async with trio.open_nursery() as running:  # running (hangs), then the client leaves
+                running.start_soon(ask, http, "FAKE:hang running and abandoned")
+                await wait_for(lambda: "running and abandoned" in log.read_text())
+                running.cancel_scope.cancel()
         await wait_for(lambda: '"control_request"' in log.read_text())
         health = await assert_consistent(http)
     assert "queued and abandoned" not in log.read_text()  # never reached the CLI

@@ -37,6 +37,14 @@ from ccwrap_trio.server import Services
 
 from .test_fuzz import ServerThread
 
+
+def health_until(http: httpx.Client, predicate: Any, timeout_s: float = 30.0) -> None:
+    """Poll /health (sync) until ``predicate(body)``: order requests by state, not by sleeps."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(http.get("/health").json()):
+        assert time.monotonic() < deadline, "the server never reached the awaited state"
+        time.sleep(0.02)
+
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 CHECKS = [
     not_a_server_error,
@@ -288,10 +296,10 @@ def test_error_statuses_are_documented(make_config: Any) -> None:
         validate_component("MethodNotAllowed", http.delete("/v1/models"))
         # One request runs, one waits, the third is refused.
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(documented_call, url, CHAT, 200, body=chat_body("FAKE:sleep=1 a"))
-            time.sleep(0.3)
+            first = pool.submit(documented_call, url, CHAT, 200, body=chat_body("FAKE:sleep=3 a"))
+            health_until(http, lambda h: h["active_queries"] == 1)
             second = pool.submit(documented_call, url, CHAT, 200, body=chat_body("second"))
-            time.sleep(0.3)
+            health_until(http, lambda h: h["queued"] == 1)
             refused = documented_call(url, CHAT, 429, body=chat_body("third"))
             first.result(), second.result()
         assert int(refused.headers["retry-after"][0]) >= 1  # the backlog's estimate

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ccwrap_trio.logs import JsonFormatter
 
-from .conftest import ROOT, running_server
+from .conftest import ROOT, running_server, wait_for_health
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -44,11 +44,12 @@ async def test_liveness_and_readiness(make_config: Any, fake_cli: Path) -> None:
         assert (ready.status_code, ready.json()["status"]) == (200, "ready")
         headers = {"Authorization": "Bearer sk-probe-test-1"}
         async with trio.open_nursery() as nursery:  # one running, one waiting: the queue is full
-            for text in ("FAKE:sleep=1 a", "b"):
+            for text, running in (("FAKE:sleep=3 a", (1, 0)), ("b", (1, 1))):
                 nursery.start_soon(lambda t=text: http.post(
                     "/v1/chat/completions", headers=headers,
                     json={"messages": [{"role": "user", "content": t}]}))
-                await trio.sleep(0.3)
+                await wait_for_health(
+                    http, lambda h, r=running: (h["active_queries"], h["queued"]) == r)
             full = await http.get("/health/ready")
             assert full.status_code == 503 and full.json()["reasons"] == ["the queue is full"]
     # Not connected: a missing CLI keeps the server unready while it stays alive.
@@ -197,11 +198,11 @@ async def test_hypercorn_command_runs_the_app_with_its_lifespan(fake_cli: Path) 
 
             async def in_flight() -> None:
                 result["r"] = await http.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "FAKE:sleep=1 via hypercorn"}]})
+                    "messages": [{"role": "user", "content": "FAKE:sleep=3 via hypercorn"}]})
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
-                await trio.sleep(0.4)
+                await wait_for_health(http, lambda h: h["active_queries"] == 1)
                 process.send_signal(signal.SIGTERM)
         output = await read_rest(process)
         code = await process.wait()
