@@ -119,7 +119,7 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
     _check_accepted_fields(data)
     tools = openai_tools.parse_tools(data)
-    stream = _boolean(data, "stream")
+    stream = boolean_field(data, "stream")
     stream_options = data.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
@@ -154,10 +154,10 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
 
 
 def _check_accepted_fields(data: dict[str, Any]) -> None:
-    if _integer(data, "n") not in (None, 1):
+    if integer_field(data, "n") not in (None, 1):
         raise InvalidRequest("'n' must be 1: only one choice per request is supported.",
                              param="n", code="unsupported")
-    if _boolean(data, "logprobs") or data.get("top_logprobs") is not None:
+    if boolean_field(data, "logprobs") or data.get("top_logprobs") is not None:
         param = "logprobs" if data.get("logprobs") else "top_logprobs"
         raise InvalidRequest(f"'{param}' is not supported: the CLI reports no log probabilities.",
                              param=param, code="unsupported")
@@ -165,13 +165,13 @@ def _check_accepted_fields(data: dict[str, Any]) -> None:
         value = data.get(name)
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise InvalidRequest(f"'{name}' must be a number.", param=name)
-    _integer(data, "seed")
+    integer_field(data, "seed")
     user = data.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string.", param="user")
 
 
-def _integer(data: dict[str, Any], name: str) -> int | None:
+def integer_field(data: dict[str, Any], name: str) -> int | None:
     """An integer field; 5.0 counts as 5, as in JSON Schema."""
     value = data.get(name)
     if value is None:
@@ -183,7 +183,7 @@ def _integer(data: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _boolean(data: dict[str, Any], name: str) -> bool:
+def boolean_field(data: dict[str, Any], name: str) -> bool:
     value = data.get(name)
     if value is not None and not isinstance(value, bool):
         raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
@@ -209,7 +209,7 @@ def _stop(value: Any) -> tuple[str, ...]:
 def _max_tokens(data: dict[str, Any]) -> int | None:
     limit = None
     for name in ("max_tokens", "max_completion_tokens"):
-        value = _integer(data, name)
+        value = integer_field(data, name)
         if value is None:
             continue
         if value < 1:

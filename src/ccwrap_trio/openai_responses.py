@@ -20,7 +20,7 @@ from typing import Any
 from . import openai_api, openai_tools, protocol, tool_policy
 from .core import CoreRequest, Tool, ToolCall, ToolCallDelta, ToolCallStart, ToolChoice
 from .errors import CcwrapError, InvalidRequest
-from .openai_api import SSE_KEEPALIVE, AnswerLimiter, Part
+from .openai_api import SSE_KEEPALIVE, AnswerLimiter, Part, boolean_field, integer_field
 from .structured import StructuredOutput
 from .supervisor import QueryHandle
 
@@ -89,7 +89,7 @@ def parse_request(body: bytes | str, *, default_model: str) -> ResponsesRequest:
         if data.get(name) not in (None, False, "", [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
     _check_accepted_fields(data)
-    stream = _boolean(data, "stream")
+    stream = boolean_field(data, "stream")
     tools = _tools(data.get("tools"))
     choice = _tool_choice(data.get("tool_choice"), tools)
     parallel = data.get("parallel_tool_calls")
@@ -145,7 +145,7 @@ def _check_accepted_fields(data: dict[str, Any]) -> None:
     for name in STRING_FIELDS:
         if data.get(name) is not None and not isinstance(data.get(name), str):
             raise InvalidRequest(f"'{name}' must be a string.", param=name)
-    _boolean(data, "store")
+    boolean_field(data, "store")
     metadata = data.get("metadata")
     if metadata is not None and not (
         isinstance(metadata, dict) and len(metadata) <= 16
@@ -161,29 +161,11 @@ def _check_accepted_fields(data: dict[str, Any]) -> None:
     for name in ("reasoning", "stream_options"):
         if data.get(name) is not None and not isinstance(data.get(name), dict):
             raise InvalidRequest(f"'{name}' must be an object.", param=name)
-    _integer(data, "max_tool_calls")
-
-
-def _integer(data: dict[str, Any], name: str) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be an integer.", param=name)
-    return value
-
-
-def _boolean(data: dict[str, Any], name: str) -> bool:
-    value = data.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidRequest(f"'{name}' must be a boolean.", param=name)
-    return bool(value)
+    integer_field(data, "max_tool_calls")
 
 
 def _max_output_tokens(data: dict[str, Any]) -> int | None:
-    value = _integer(data, "max_output_tokens")
+    value = integer_field(data, "max_output_tokens")
     if value is not None and value < 1:
         raise InvalidRequest("'max_output_tokens' must be a positive integer.",
                              param="max_output_tokens")
