@@ -238,7 +238,21 @@ class DirectCli:
                 message = json.loads(out)
                 if isinstance(message, dict) and message.get("type") == "result":
                     return message
+                if isinstance(message, dict) and message.get("type") == "control_request":
+                    self.answer(message)
         raise RequestFailed("direct CLI: no result line")
+
+    def answer(self, message: dict[str, Any]) -> None:
+        """The session's own SDK MCP server, answered as ccwrap-trio's session does (no tools):
+        unanswered, the CLI waits for it before its first turn."""
+        from ccwrap_trio import protocol, toolbridge
+
+        assert self.popen.stdin is not None
+        request = message.get("request") or {}
+        if request.get("subtype") == "mcp_message":
+            response = {"mcp_response": toolbridge.mcp_reply(request.get("message"), ())}
+            self.popen.stdin.write(protocol.control_response_line(message["request_id"], response))
+            self.popen.stdin.flush()
 
     def request(self, i: int) -> float:
         start = time.perf_counter()
