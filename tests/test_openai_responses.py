@@ -179,3 +179,13 @@ async def test_a_stream_without_parallel_calls_announces_only_the_first(tmp_path
     assert events[-1]["type"] == "response.completed"
     assert added == ["get_weather"]
     assert [i["name"] for i in final["output"] if i["type"] == "function_call"] == ["get_weather"]
+
+
+def test_a_model_name_over_256_characters_is_a_400_here_too() -> None:
+    """The Responses stream echoes ``model`` in every event: the same cap as Chat Completions."""
+    with pytest.raises(InvalidRequest) as raised:
+        openai_responses.parse_request(
+            json.dumps({"model": "claude-" + "m" * 250, "input": "hi"}), default_model="haiku")
+    assert raised.value.param == "model"
+    assert openai_responses.parse_request(
+        json.dumps({"model": "claude-" + "m" * 249, "input": "hi"}), default_model="haiku")

@@ -95,8 +95,11 @@ class ChatRequest:
         return None if self.max_tokens is None else self.max_tokens * CHARS_PER_TOKEN
 
 
-def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
-    """Validate a chat-completions body; raise InvalidRequest naming the offending param."""
+def json_body_and_model(body: bytes | str, default_model: str) -> tuple[dict[str, Any], str]:
+    """An OpenAI request body as a JSON object, and its ``model`` (the default when absent).
+
+    Shared by Chat Completions and Responses; raises InvalidRequest naming the field.
+    """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: recursion
@@ -105,7 +108,6 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-
     model = data.get("model") if data.get("model") is not None else default_model
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
@@ -114,6 +116,12 @@ def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
         raise InvalidRequest(
             f"'model' is longer than {MAX_MODEL_CHARS} characters.", param="model"
         )
+    return data, model
+
+
+def parse_chat_request(body: bytes | str, *, default_model: str) -> ChatRequest:
+    """Validate a chat-completions body; raise InvalidRequest naming the offending param."""
+    data, model = json_body_and_model(body, default_model)
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")

@@ -74,17 +74,7 @@ class ResponsesRequest:
 
 def parse_request(body: bytes | str, *, default_model: str) -> ResponsesRequest:
     """Validate a Responses body; raise InvalidRequest naming the offending param."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidRequest(
-            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model") if data.get("model") is not None else default_model
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    data, model = openai_api.json_body_and_model(body, default_model)
     for name, why in UNSUPPORTED.items():
         if data.get(name) not in (None, False, "", [], {}):
             raise InvalidRequest(f"'{name}': {why}.", param=name, code="unsupported")
