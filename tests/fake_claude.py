@@ -9,7 +9,9 @@ from directives in the user text: ``FAKE:hang``, ``FAKE:hang-hard`` (ignores int
 ``FAKE:big=BYTES`` (one answer line of that size), ``FAKE:stream-big=BYTES`` (an answer of that
 size in 1,000-byte deltas), ``FAKE:hang-next-clear`` (the next ``/clear`` is never answered),
 ``FAKE:close-stdout`` (closes stdout, lives on), ``FAKE:cut-stream`` (the stream breaks off
-after 3 words and the result says that was all). Every stdin line is appended to FAKE_CLAUDE_LOG
+after 3 words and the result says that was all), ``FAKE:unstreamed-retry`` (the stream breaks
+off after 3 words, and the CLI's retry is not streamed: the result has the whole answer),
+``FAKE:streamed-retry`` (the same, but the retry streams the answer again from the start). Every stdin line is appended to FAKE_CLAUDE_LOG
 when set. The answer is ``echo: <text>``, streamed in one delta per word.
 """
 
@@ -196,6 +198,21 @@ def answer(stdin: Stdin, text: str) -> bool:
                   "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
         result(partial, use=usage(input_tokens, 3))
         return True
+    if "unstreamed-retry" in directives or "streamed-retry" in directives:
+        # As 2.1.332 under load after a malformed event: the broken call's blocks are
+        # abandoned (message_stop with abandoned_blocks), then the retry.
+        emit({"type": "stream_event", "event": {"type": "message_start", "message": {
+            "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
+        for i, word in enumerate(words[:3]):
+            emit({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                  "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}})
+        emit({"type": "stream_event", "event": {"type": "message_stop"},
+              "abandoned_blocks": {"from_block_index": 0}})
+        if "unstreamed-retry" in directives:
+            emit({"type": "assistant", "message": {"content": [{"type": "text", "text": reply}]},
+                  "session_id": SESSION})
+            result(reply, use=usage(input_tokens, len(words)))
+            return True
     emit({"type": "stream_event", "event": {"type": "message_start", "message": {
         "role": "assistant", "content": [], "usage": usage(input_tokens, 1)}}})
     for i, word in enumerate(words):

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
 from ccwrap_trio.config import Config
+from ccwrap_trio.reconcile import Reconciler
 from ccwrap_trio.standin import Standin, StandinConfig
-from ccwrap_trio.streaming import Reconciler
 
 from .conftest import real_claude_bin, real_stack, running_server
 
@@ -136,3 +137,51 @@ async def test_real_cli_gives_up_on_a_failing_api_after_two_retries(tmp_path: Pa
     assert int(response.headers["retry-after"]) >= 1
     assert len([c for c in standin.calls if c.status == 529]) == 3  # one call, two retries
     assert elapsed < 60  # was ~178 s with the CLI's 10 retries; 2 retries back off ~2 s
+
+
+def sse_data(raw: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in raw.splitlines()
+            if line.startswith("data: {")]
+
+
+async def streamed_answer(http: httpx.AsyncClient, dialect: str, prompt: str) -> tuple[str, str]:
+    """One streamed answer in ``dialect``: (its text, how it ended)."""
+    if dialect == "chat":
+        response = await http.post("/v1/chat/completions", json={
+            "stream": True, "messages": [{"role": "user", "content": prompt}]})
+        chunks = sse_data(response.text)
+        text = "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in chunks if c.get("choices"))
+        last = chunks[-1]
+        return text, "error" if "error" in last else last["choices"][0]["finish_reason"]
+    if dialect == "responses":
+        response = await http.post("/v1/responses", json={"stream": True, "input": prompt})
+        events = sse_data(response.text)
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        return text, events[-1]["type"]
+    response = await http.post("/v1/messages", json={
+        "max_tokens": 200, "stream": True, "messages": [{"role": "user", "content": prompt}]})
+    events = sse_data(response.text)
+    text = "".join(e["delta"]["text"] for e in events
+                   if e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta")
+    ends = [e for e in events if e["type"] in ("message_delta", "error")]
+    return text, ends[-1]["type"] if ends[-1]["type"] == "error" else ends[-1]["delta"][
+        "stop_reason"]
+
+
+@pytest.mark.parametrize("dialect", ["chat", "responses", "anthropic"])
+@pytest.mark.parametrize("fault", ["unstreamed-retry", "streamed-retry"])
+async def test_every_dialect_streams_a_retried_answer_once_and_whole(
+    make_config: Any, dialect: str, fault: str
+) -> None:
+    """Seen on the real CLI under load: after a malformed event it abandons the streamed blocks
+    and retries, streamed again or not. Each dialect's deltas add up to the answer, once."""
+    prompt = f"FAKE:{fault} one two three four five six"
+    async with running_server(make_config()) as url, \
+            httpx.AsyncClient(base_url=url, timeout=30) as http:
+        text, ending = await streamed_answer(http, dialect, prompt)
+        stats = (await http.get("/health")).json()["stats"]
+    assert text == "echo: one two three four five six"
+    assert ending == {"chat": "stop", "responses": "response.completed",
+                      "anthropic": "end_turn"}[dialect]
+    assert stats["successes"] == 1 and stats["total_errors"] == 0

@@ -7,15 +7,15 @@ comes back; the supervisor and its workers move queries and never look at a dial
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from . import protocol
 from .core import Content, CoreRequest, ToolCallDelta, ToolCallStart
-from .errors import CcwrapError, QueryTimeout
+from .errors import CcwrapError, CliError, QueryTimeout
 from .keys import KeyAccount
+from .reconcile import Reconciler
 from .stats import Activity, Counters
 from .structured import StructuredOutput
 
@@ -72,6 +72,9 @@ class QueryHandle:
         self._activity = activity
         self._timeout_s = timeout_s
         self._outcome: str | None = None
+        # Streamed text is reconciled with the final result here, once for every dialect.
+        self._reconciler = Reconciler()
+        self._result: protocol.TurnResult | None = None  # held while its missing text goes out
 
     def __enter__(self) -> QueryHandle:
         return self
@@ -87,17 +90,18 @@ class QueryHandle:
         return self._query.request_id
 
     async def next_event(
-        self,
-        *,
-        patience: float | None = None,
-        check: Callable[[protocol.TurnResult], CcwrapError | None] | None = None,
+        self, *, patience: float | None = None
     ) -> protocol.Progress | protocol.TurnResult | None:
         """The next event; None when ``patience`` seconds pass without one (keep-alive time).
 
-        ``check`` vets the final result before it counts as a success (a stream whose text
-        cannot be reconciled with it is an error). Raises QueryTimeout at the query's deadline,
-        the worker's CcwrapError, or ``check``'s.
+        Text deltas add up to the result's text, whatever the CLI retried: a retry that repeats
+        what was sent sends nothing twice, text the deltas missed (an unstreamed retry) comes as
+        one more delta before the result, and a retry that says something else is a CliError.
+        Raises QueryTimeout at the query's deadline, or the worker's CcwrapError.
         """
+        if self._result is not None:
+            result, self._result = self._result, None
+            return self._succeed(result)
         query = self._query
         wait_until = query.deadline
         if patience is not None:
@@ -114,18 +118,36 @@ class QueryHandle:
         if isinstance(item, CcwrapError):
             self._finish("error", type(item).__name__)
             raise item
-        if isinstance(item, protocol.TurnResult):
-            if check is not None and (error := check(item)) is not None:
-                self._finish("error", type(error).__name__)
-                raise error
-            usage = item.usage
-            self._counters.prompt_tokens += usage.prompt_tokens
-            self._counters.completion_tokens += usage.output_tokens
-            self._counters.cached_tokens += usage.cache_read_input_tokens
-            if self._account is not None:
-                self._account.used(usage, trio.current_time())
-            self._finish("success")
+        if isinstance(item, protocol.MessageStart):
+            self._reconciler.new_attempt()
+        elif isinstance(item, protocol.TextDelta):
+            return protocol.TextDelta(self._reconciler.feed(item.text))
+        elif isinstance(item, protocol.TurnResult):
+            if not (query.stream and query.structured is None):
+                return self._succeed(item)  # nothing was streamed: nothing to reconcile
+            rest = self._reconciler.rest(item.text)
+            if rest is None:
+                self._finish("error", "CliError")
+                raise CliError(
+                    "the CLI retried the API call mid-answer and its final answer differs from "
+                    "the text already streamed; retry the request"
+                )
+            if rest:
+                self._reconciler.seen += rest
+                self._result = item
+                return protocol.TextDelta(rest)
+            return self._succeed(item)
         return item
+
+    def _succeed(self, result: protocol.TurnResult) -> protocol.TurnResult:
+        usage = result.usage
+        self._counters.prompt_tokens += usage.prompt_tokens
+        self._counters.completion_tokens += usage.output_tokens
+        self._counters.cached_tokens += usage.cache_read_input_tokens
+        if self._account is not None:
+            self._account.used(usage, trio.current_time())
+        self._finish("success")
+        return result
 
     def finish_early(self) -> None:
         """The caller has all it wants (a stop sequence, max_tokens): a success; end the turn."""

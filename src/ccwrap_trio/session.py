@@ -369,7 +369,6 @@ class Session:
 class _TurnState:
     """What one turn's stream has shown so far: text, tool calls, the model, held denials."""
 
-    text: list[str] = field(default_factory=list)
     calls: dict[int, list[str]] = field(default_factory=dict)  # block index -> [id, name, json]
     ordinals: dict[int, int] = field(default_factory=dict)  # block index -> call number
     model: str = ""
@@ -378,7 +377,8 @@ class _TurnState:
     held: list[str] = field(default_factory=list)
     rate_limits: list[protocol.RateLimit] = field(default_factory=list)
     retry_delay_ms: int | None = None  # the CLI's last api_retry
-    # The API call under way: its text, and whether its stream is still open (no message_stop).
+    # The API call under way (the CLI may retry one): its text, and whether its stream is still
+    # open (no message_stop).
     attempt_text: list[str] = field(default_factory=list)
     attempt_open: bool = False
 
@@ -390,7 +390,6 @@ class _TurnState:
             self.retry_delay_ms = event.retry_delay_ms
             return None
         if isinstance(event, protocol.TextDelta):
-            self.text.append(event.text)
             self.attempt_text.append(event.text)
             return event
         if isinstance(event, protocol.MessageStart):
@@ -418,8 +417,8 @@ class _TurnState:
         if calls and (result.terminal_reason == "aborted_tools" or (
             self.stop_reason == "tool_use" and result.terminal_reason == "aborted_streaming"
         )):
-            # The answer is the text before the calls.
-            return dataclasses.replace(result, text="".join(self.text), is_error=False,
+            # The answer is the text before the calls (of the last API call, if it was retried).
+            return dataclasses.replace(result, text="".join(self.attempt_text), is_error=False,
                                        tool_calls=calls, model=self.model)
         if (not result.is_error and result.text.strip() and self.attempt_open
                 and "".join(self.attempt_text).strip() == result.text.strip()):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from . import openai_api, protocol
 from .core import ToolCallDelta, ToolCallStart
-from .errors import CcwrapError, CliError
+from .errors import CcwrapError
 from .openai_api import SSE_DONE, SSE_KEEPALIVE, AnswerLimiter, ChatRequest, sse
 from .supervisor import QueryHandle
 
@@ -34,19 +34,10 @@ async def completion_stream(
     prompt_usage = protocol.Usage()
     sent = ""
     started = False
-    reconciler = Reconciler()
-
-    def check(result: protocol.TurnResult) -> CcwrapError | None:
-        if chat.structured is not None or reconciler.rest(result.text) is not None:
-            return None
-        return CliError(
-            "the CLI retried the API call mid-answer and its final answer differs from the "
-            "text already streamed; retry the request"
-        )
 
     with handle:
         try:
-            event = await handle.next_event(patience=keepalive_s, check=check)
+            event = await handle.next_event(patience=keepalive_s)
             if isinstance(event, protocol.MessageStart) and event.model:
                 model = event.model
             started = True
@@ -55,21 +46,20 @@ async def completion_stream(
                 if event is None:
                     yield SSE_KEEPALIVE  # silence: keep proxies from cutting the stream
                 elif isinstance(event, protocol.MessageStart):
-                    if not reconciler.seen:
+                    if not sent:
                         prompt_usage = event.usage
-                    reconciler.new_attempt()
                 elif isinstance(event, ToolCallStart | ToolCallDelta):
                     # Text held back for a stop sequence goes before the calls.
                     if isinstance(event, ToolCallStart) and (text := limiter.flush()):
                         sent += text
                         yield frame({"content": text})
                     yield frame(_tool_delta(event))
-                elif text := limiter.feed(reconciler.feed(event.text)):
+                elif text := limiter.feed(event.text):
                     sent += text
                     yield frame({"content": text})
                 if limiter.finish_reason is not None:
                     break
-                event = await handle.next_event(patience=keepalive_s, check=check)
+                event = await handle.next_event(patience=keepalive_s)
         except CcwrapError as exc:
             if not started:
                 raise
@@ -79,12 +69,11 @@ async def completion_stream(
             return
         if isinstance(event, protocol.TurnResult):
             result = event
-            # Validated JSON is sent whole and never cut; text sends what the deltas missed
-            # (check() made sure there is a way) and what was held back.
+            # Validated JSON is sent whole and never cut; text sends what was held back (the
+            # handle delivered the deltas that complete the result's text).
             if chat.structured is not None and not result.tool_calls:
                 text = result.text
             else:
-                limiter.feed(reconciler.rest(result.text) or "")
                 text = limiter.flush()
             if text:
                 sent += text
@@ -117,49 +106,3 @@ def _tool_delta(event: ToolCallStart | ToolCallDelta) -> dict[str, object]:
     else:
         call = {"index": event.index, "function": {"arguments": event.arguments}}
     return {"tool_calls": [call]}
-
-
-class Reconciler:
-    """Keeps a stream's text what the model said once, when the CLI retries the API itself.
-
-    A dropped connection or a broken event mid-answer makes the CLI retry: a new
-    ``message_start`` and the answer's deltas from the start again (or no deltas at all, when the
-    retry is not streamed). ``feed`` passes on only text the client has not had; ``rest`` is what
-    completes it to the final ``result``, or None when the two cannot be reconciled.
-    """
-
-    def __init__(self) -> None:
-        self.seen = ""  # the model's text, as far as it went to the client
-        self._attempt: str | None = None  # a retry's text, while it repeats what was seen
-        self._diverged = False
-
-    def new_attempt(self) -> None:
-        if self.seen:
-            self._attempt = ""
-
-    def feed(self, text: str) -> str:
-        """The part of this delta that is new to the client ('' while a retry repeats)."""
-        if self._attempt is None:
-            self.seen += text
-            return text
-        self._attempt += text
-        if self._diverged or self.seen.startswith(self._attempt):
-            return ""
-        if self._attempt.startswith(self.seen):
-            new = self._attempt[len(self.seen):]
-            self.seen, self._attempt = self._attempt, None  # caught up: plain deltas again
-            return new
-        self._diverged = True  # the retry says something else: only the result can tell
-        return ""
-
-    def rest(self, final: str) -> str | None:
-        """What to send after ``seen`` so that the client has ``final``; None if impossible."""
-        if final.startswith(self.seen):
-            return final[len(self.seen):]
-        # The result's text may lose the outer whitespace the deltas had: the same answer.
-        core = self.seen.lstrip()
-        if final.startswith(core):
-            return final[len(core):]
-        if core.rstrip() == final:
-            return ""
-        return None
