@@ -11,8 +11,9 @@ size in 1,000-byte deltas), ``FAKE:hang-next-clear`` (the next ``/clear`` is nev
 ``FAKE:close-stdout`` (closes stdout, lives on), ``FAKE:cut-stream`` (the stream breaks off
 after 3 words and the result says that was all), ``FAKE:unstreamed-retry`` (the stream breaks
 off after 3 words, and the CLI's retry is not streamed: the result has the whole answer),
-``FAKE:streamed-retry`` (the same, but the retry streams the answer again from the start). Every stdin line is appended to FAKE_CLAUDE_LOG
-when set. The answer is ``echo: <text>``, streamed in one delta per word.
+``FAKE:streamed-retry`` (the same, but the retry streams the answer again from the start).
+Every stdin line is appended to FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``,
+streamed in one delta per word.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SESSION = str(uuid.uuid4())
 VERSION = "2.1.332-fake"
 seen_empty_once: set[str] = set()
 hang_next_clear = False
+current_model = "claude-haiku-5-5"  # set_model changes it, as init lines then report
 
 
 def emit(message: dict) -> None:
@@ -38,7 +40,7 @@ def emit(message: dict) -> None:
 
 def init() -> None:
     emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": SESSION,
-          "tools": [], "mcp_servers": [], "model": "claude-haiku-5-5",
+          "tools": [], "mcp_servers": [], "model": current_model,
           "permissionMode": "dontAsk", "claude_code_version": VERSION})
 
 
@@ -245,7 +247,10 @@ def control(message: dict) -> None:
     request = message.get("request") or {}
     response: dict = {"subtype": "success", "request_id": message.get("request_id")}
     if request.get("subtype") == "set_model":
-        response["response"] = {"model": request.get("model")}
+        global current_model
+        name = request.get("model") or current_model
+        current_model = f"claude-{name}-5-5" if name in ("haiku", "sonnet", "opus") else name
+        response["response"] = {"model": current_model}
     emit({"type": "control_response", "response": response})
     if (request.get("message") or {}).get("method") == "notifications/tools/list_changed":
         emit({"type": "control_request", "request_id": str(uuid.uuid4()), "request": {

@@ -41,6 +41,7 @@ class FakeSession:
         self.prompts: list[str] = []
         self.clears = 0
         self.interrupts = 0
+        self.model_switches = 0
         self.hang_clear = False
         self._hard_hang = False
         self._seen: set[str] = set()
@@ -115,7 +116,12 @@ class FakeSession:
         self.tools_set = tools
 
     async def use_model(self, model: str) -> None:
+        if model != self.model:
+            self.model_switches += 1
         self.model = model
+
+    def on_model(self, model: str) -> bool:
+        return model == self.model
 
     async def interrupt(self) -> bool:
         self.interrupts += 1

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from ccwrap_trio.config import Config
+from ccwrap_trio.core import CoreRequest
 from ccwrap_trio.errors import SessionCrashed
 from ccwrap_trio.supervisor import Supervisor
 
@@ -187,3 +188,44 @@ async def test_real_cli_standby_swap(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert health["stats"]["lifetime_restarts"] >= 3
     assert "standby session ready" in caplog.text
     assert len(standin.calls) == 4
+
+
+async def ask_on(supervisor: Supervisor, model: str, text: str) -> None:
+    await supervisor.query(text, request=CoreRequest(text, model))
+
+
+async def test_a_request_goes_to_an_idle_session_already_on_its_model(
+    clock: trio.testing.MockClock,
+) -> None:
+    """Issue 11: a pool prefers a free session on the requested model to a set_model switch."""
+    sessions = FakeSessions()
+    async with supervised(sessions, sessions=2, standby=False) as supervisor:
+        await trio.sleep(5)  # both sessions are warm, on the default model
+        # Sessions take turns at the channel: a run of one model would alternate them.
+        for i, model in enumerate("hoohhohooh"):
+            await ask_on(supervisor, {"h": "claude-haiku-5-5", "o": "claude-opus-5-5"}[model],
+                         f"q{i}{model}")
+        models = sorted(s.model for s in sessions.sessions)
+        stats = supervisor.statistics()
+    # One switch, the first opus request's; after that each model has its session.
+    assert sum(s.model_switches for s in sessions.sessions) == 1
+    assert models == ["claude-haiku-5-5", "claude-opus-5-5"]
+    assert stats.counters.successes == 10 and stats.queued == 0
+    for session in sessions.sessions:  # each session served one model's requests
+        assert {p[-1] for p in session.prompts} == {session.model[7]}
+
+
+async def test_with_no_idle_session_on_the_model_the_request_switches_one(
+    clock: trio.testing.MockClock,
+) -> None:
+    sessions = FakeSessions()
+    async with supervised(sessions, sessions=2, standby=False) as supervisor:
+        await trio.sleep(5)
+        async with trio.open_nursery() as nursery:
+            # Both sessions busy on haiku: the opus request cannot wait for a free opus one.
+            nursery.start_soon(ask_on, supervisor, "claude-haiku-5-5", "slow=2 a")
+            nursery.start_soon(ask_on, supervisor, "claude-haiku-5-5", "slow=2 b")
+            await trio.sleep(1)
+            await ask_on(supervisor, "claude-opus-5-5", "c")
+        assert supervisor.statistics().counters.successes == 3
+    assert sum(s.model_switches for s in sessions.sessions) == 1

@@ -22,7 +22,7 @@ from ccwrap_trio.core import CoreRequest, Tool, ToolCall, ToolCallDelta, ToolCal
 from ccwrap_trio.expansions import could_expand
 from ccwrap_trio.session import _TurnState
 
-from .conftest import running_server
+from .conftest import running_server, wait_for_health
 
 CAPTURES = Path("/work/shared/claude-cli")
 WEATHER = {"type": "function", "function": {
@@ -282,3 +282,27 @@ def test_legacy_functions_are_answered_with_function_call() -> None:
     choice = response["choices"][0]
     assert choice["finish_reason"] == "function_call" and choice["message"]["content"] is None
     assert choice["message"]["function_call"] == {"name": "f", "arguments": "{}"}
+
+
+async def test_a_pool_serves_each_model_on_a_session_already_on_it(
+    make_config: Any, tmp_path: Path
+) -> None:
+    """Issue 11: with two sessions, a run of requests over two models costs one switch."""
+    log = tmp_path / "stdin.log"
+    async with running_server(
+        make_config(env={"FAKE_CLAUDE_LOG": str(log)}, turn_limit=100, sessions=2)
+    ) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await wait_for_health(http, lambda h: all(
+                s["status"] == "healthy" for s in h["sessions"]) and len(h["sessions"]) == 2)
+            for model in ("haiku", "opus", "opus", "haiku", "haiku", "opus", "haiku", "opus"):
+                # Both free (the last one's /clear done): a client that does not hurry.
+                await wait_for_health(http, lambda h: all(s["idle"] for s in h["sessions"]))
+                response = await http.post("/v1/chat/completions", json=chat(model=model))
+                assert response.status_code == 200, response.text
+            health = (await http.get("/health")).json()
+    sent = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    models = [m["request"]["model"] for m in sent if m.get("type") == "control_request"
+              and m["request"].get("subtype") == "set_model"]
+    assert models == ["opus"]
+    assert sorted(s["model"] for s in health["sessions"]) == ["claude-haiku-5-5", "claude-opus-5-5"]

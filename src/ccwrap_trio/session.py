@@ -70,6 +70,8 @@ class SessionLike(Protocol):
 
     async def use_model(self, model: str) -> None: ...
 
+    def on_model(self, model: str) -> bool: ...
+
 
 # How a worker gets a session: entering spawns and warms one, leaving ends and reaps it.
 SessionFactory = Callable[[], AbstractAsyncContextManager[SessionLike, bool | None]]
@@ -195,12 +197,16 @@ class Session:
         await self._control(protocol.control_request_line(request_id, toolbridge.LIST_CHANGED),
                             done)
 
+    def on_model(self, model: str) -> bool:
+        """Whether the session is on ``model`` already (as asked for, or as the CLI named it)."""
+        return model in (self.model_name, self.model)
+
     async def use_model(self, model: str) -> None:
         """Switch the session to ``model`` (``set_model``); a no-op when it is on it already.
 
         Unbounded by itself: callers wrap it in a deadline. Raises SessionCrashed.
         """
-        if model in (self.model_name, self.model):
+        if self.on_model(model):
             return
         request_id = f"ccwrap_model_{next(_interrupt_ids)}"
         line = protocol.control_request_line(request_id, {"subtype": "set_model", "model": model})

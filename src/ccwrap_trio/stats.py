@@ -131,6 +131,7 @@ class WorkerStatistics:
     cli_version: str
     requests: int = 0  # served by this session's CLI since it was spawned
     max_requests: int = 0  # when its CLI is recycled (CCWRAP_SESSION_MAX_REQUESTS, staggered)
+    idle: bool = False  # waiting for a query: free to take one now (not in /clear or a restart)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -89,6 +90,11 @@ class SessionWorker:
         self._max_requests = first_max_requests or config.session_max_requests
         self.status = "starting"
         self.session: SessionLike | None = None
+        # The pool's workers (Supervisor): a query for another model goes to an idle one on it.
+        self.peers: list[SessionWorker] = [self]
+        self.waiting = False  # idle, waiting for a query: it may be handed one
+        self._handed: deque[Query] = deque()  # queries handed over by peers, served first
+        self._handed_wakeup = trio.Event()
 
     def __repr__(self) -> str:
         return f"<SessionWorker {self.status} session={self.session!r}>"
@@ -97,6 +103,11 @@ class SessionWorker:
     def active(self) -> Query | None:
         """The query being run, if any."""
         return self._runner.active
+
+    @property
+    def held(self) -> int:
+        """Queries handed to this worker by its peers and not yet taken."""
+        return len(self._handed)
 
     def statistics(self) -> WorkerStatistics:
         session = self.session
@@ -113,6 +124,7 @@ class SessionWorker:
             cli_version=session.cli_version if session is not None else "",
             requests=session.requests if session is not None else 0,
             max_requests=self._max_requests,
+            idle=self.waiting,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -213,6 +225,8 @@ class SessionWorker:
         await trio.sleep(delay)
 
     def _fail_queued(self) -> None:
+        while self._handed:
+            reply(self._handed.popleft(), SessionUnavailable("no CLI session: recovery failed"))
         while True:
             try:
                 query = self._receive.receive_nowait()
@@ -243,12 +257,16 @@ class SessionWorker:
             query: Query | None
             if pending is not None:
                 query, pending = pending, None
+            elif self._handed:
+                query = self._handed.popleft()
             else:
                 # Idle sessions are looked at again every sample interval (memory grows idle too).
                 # A query received as that deadline expires is kept in ``got``, never dropped.
                 got: list[Query] = []
                 with trio.move_on_after(self._config.memory_sample_interval_s):
                     await self._next_query(session, got)
+                if got and self._hand_off(session, got[0]):
+                    continue
                 if got:
                     query = got[0]
                 elif session.exited.is_set():
@@ -305,22 +323,48 @@ class SessionWorker:
         return None
 
     async def _next_query(self, session: SessionLike, got: list[Query]) -> None:
-        """Wait for the next query and put it in ``got``; return early if the session dies.
+        """Wait for the next query and put it in ``got``; return early if the session dies or a
+        peer hands this worker a query (it is in ``_handed`` then).
 
         The query lands in ``got`` with no checkpoint after ``receive``: a cancellation at any
         later point (the idle tick, the nursery's exit) cannot take it away from the caller.
         """
+        if self._handed_wakeup.is_set():
+            self._handed_wakeup = trio.Event()
         async with trio.open_nursery() as nursery:
 
-            async def cancel_on_exit() -> None:
-                await session.exited.wait()
+            async def cancel_on(event: trio.Event) -> None:
+                await event.wait()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(cancel_on_exit)
+            nursery.start_soon(cancel_on, session.exited)
+            nursery.start_soon(cancel_on, self._handed_wakeup)
+            self.waiting = True
             try:
                 got.append(await self._receive.receive())
             finally:
+                self.waiting = False
                 nursery.cancel_scope.cancel()
+
+    def _hand_off(self, session: SessionLike, query: Query) -> bool:
+        """Give ``query`` to an idle peer already on its model, instead of switching this
+        session's model; False if there is none (or no switch is needed).
+
+        No checkpoint from the check to the handover: the peer is still idle when it gets it.
+        """
+        model = query.request.model if query.request is not None else ""
+        if not model or session.on_model(model):
+            return False
+        for peer in self.peers:
+            other = peer.session
+            if (peer is not self and peer.waiting and peer.status == "healthy"
+                    and other is not None and other.alive and other.on_model(model)):
+                peer._handed.append(query)
+                peer.waiting = False  # it has work now: the next query looks elsewhere
+                peer._handed_wakeup.set()
+                log.debug("query %s handed to the session on %s", query.request_id, model)
+                return True
+        return False
 
     async def _probe_rss(self, pid: int) -> float:
         # Out of file descriptors, psutil raises a plain OSError (EMFILE): unknown, not fatal.
@@ -361,6 +405,8 @@ class Supervisor:
             )
             for index in range(sessions)
         ]
+        for worker in self.workers:
+            worker.peers = self.workers
         self._shutting_down = False
         # Where the queue's Retry-After promises the next freed slot (see _queue_retry_after).
         self._promised_at = -math.inf
@@ -406,7 +452,8 @@ class Supervisor:
             status=status,
             invoker_connected=any(w.connected for w in workers),
             active_queries=sum(w.busy for w in workers),
-            queued=self._send.statistics().current_buffer_used,
+            queued=self._send.statistics().current_buffer_used + sum(
+                worker.held for worker in self.workers),
             tokens=fullest.tokens,
             turns=fullest.turns,
             token_limit=self._config.token_limit,
