@@ -77,36 +77,41 @@ async def test_client_that_never_reads_a_stream_is_cut_and_counted(make_config: 
     """Finding 6: a stream nobody reads was held forever, with its answer buffered."""
     config = make_config(send_timeout_s=1.0, query_timeout_s=20.0)
     async with running_server(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-        sock = trio.socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
-        await sock.connect(("127.0.0.1", port_of(url)))
-        stream = trio.SocketStream(sock)
-        payload = json.dumps({"model": "haiku", "stream": True, "messages": [
-            {"role": "user", "content": "FAKE:stream-big=4000000"}]}).encode()
-        async with stream:
-            await stream.send_all(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
-            )
+        await stream_never_read_is_cut(url, http)
 
-            async def disconnects() -> int:
-                return int((await http.get("/health")).json()["stats"]["disconnects"])
 
-            with trio.fail_after(30):
-                while await disconnects() < 1:
-                    await trio.sleep(0.1)
-            received = await read_to_eof(stream)  # the server closed its side
-        assert received.startswith(b"HTTP/1.1 200")
-        assert len(received) < 4_000_000  # cut, not delivered whole
-        health = (await http.get("/health")).json()
-        stats = health["stats"]
-        assert stats["total_requests"] == (
-            stats["successes"] + stats["total_errors"] + stats["rejected"]
-        ), stats
-        assert health["active_queries"] == 0
-        ok = await http.post("/v1/chat/completions", json={
-            "model": "haiku", "messages": [{"role": "user", "content": "still here"}]})
-        assert ok.status_code == 200, ok.text
+async def stream_never_read_is_cut(url: str, http: httpx.AsyncClient) -> None:
+    """A 4 MB stream to a socket that never reads is cut and counted; the server serves on."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    await sock.connect(("127.0.0.1", port_of(url)))
+    stream = trio.SocketStream(sock)
+    payload = json.dumps({"model": "haiku", "stream": True, "messages": [
+        {"role": "user", "content": "FAKE:stream-big=4000000"}]}).encode()
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+        )
+
+        async def disconnects() -> int:
+            return int((await http.get("/health")).json()["stats"]["disconnects"])
+
+        with trio.fail_after(30):
+            while await disconnects() < 1:
+                await trio.sleep(0.1)
+        received = await read_to_eof(stream)  # the server closed its side
+    assert received.startswith(b"HTTP/1.1 200")
+    assert len(received) < 4_000_000  # cut, not delivered whole
+    health = (await http.get("/health")).json()
+    stats = health["stats"]
+    assert stats["total_requests"] == (
+        stats["successes"] + stats["total_errors"] + stats["rejected"]
+    ), stats
+    assert health["active_queries"] == 0
+    ok = await http.post("/v1/chat/completions", json={
+        "model": "haiku", "messages": [{"role": "user", "content": "still here"}]})
+    assert ok.status_code == 200, ok.text
 
 
 async def test_memory_sampler_out_of_file_descriptors_keeps_serving(

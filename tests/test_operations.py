@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ccwrap_trio.logs import JsonFormatter
 
 from .conftest import ROOT, running_server, wait_for_health
+from .test_hardening_http import stream_never_read_is_cut
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -213,6 +214,29 @@ async def test_hypercorn_command_runs_the_app_with_its_lifespan(fake_cli: Path) 
     assert result["r"].json()["choices"][0]["message"]["content"] == "echo: via hypercorn"
     assert code == 0, output
     assert not psutil.pid_exists(cli_pid)
+
+
+async def test_hypercorn_command_cuts_a_client_that_never_reads(fake_cli: Path) -> None:
+    """CCWRAP_SEND_TIMEOUT holds under the hypercorn command too (its config has no such field)."""
+    hypercorn = Path(sys.executable).with_name("hypercorn")
+    process, url = await serve_command(
+        [str(hypercorn), "--worker-class", "trio", "--bind", "127.0.0.1:0",
+         "ccwrap_trio.asgi:app"],
+        {"CCWRAP_CLAUDE_BIN": str(fake_cli), "CCWRAP_SEND_TIMEOUT": "1",
+         "CCWRAP_QUERY_TIMEOUT": "20"},
+        rb"Running on (http://127\.0\.0\.1:\d+)",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await wait_for_health(http, lambda h: h["status"] == "healthy")
+            await stream_never_read_is_cut(url, http)
+        process.send_signal(signal.SIGTERM)
+        output = await read_rest(process)
+        assert await process.wait() == 0, output
+    finally:
+        kill_group(process)
+        await process.wait()
+    assert "Client read nothing for 1s; connection closed" in output
 
 
 def test_asgi_module_exits_2_on_bad_config() -> None:

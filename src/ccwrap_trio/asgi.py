@@ -17,10 +17,13 @@ from quart_trio import QuartTrio
 from .config import Config
 from .errors import ConfigError
 from .logs import configure_logging
-from .server import Services
+from .server import BoundedTCPServer, Services
 
 
 def create_asgi_app(config: Config) -> QuartTrio:
+    # The hypercorn command's connections are BoundedTCPServer too (server.py hooks them), but
+    # its config knows no send timeout: a client that stops reading is cut all the same.
+    BoundedTCPServer.default_send_timeout_s = config.send_timeout_s
     services = Services(config)
     app = services.create_app()
 

@@ -131,11 +131,15 @@ class BoundedTCPServer(TCPServer):
       first checkpoint and the socket stayed open until the client went away. Shielded here.
     """
 
+    # For a Hypercorn config that is not a ServerConfig (the hypercorn command's): asgi.py sets
+    # it from CCWRAP_SEND_TIMEOUT.
+    default_send_timeout_s: float = math.inf
+
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):
             await super().protocol_send(event)  # Closed: through the shielded _close below
             return
-        timeout_s = getattr(self.config, "send_timeout_s", math.inf)
+        timeout_s = getattr(self.config, "send_timeout_s", self.default_send_timeout_s)
         async with self.send_lock:
             try:
                 with trio.CancelScope(shield=True), trio.fail_after(timeout_s):
