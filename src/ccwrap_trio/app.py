@@ -5,7 +5,6 @@ policy in ``supervisor``. Every error leaves here in OpenAI's shape (``openai_ap
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
 import time
@@ -25,6 +24,7 @@ from .errors import CcwrapError
 from .keys import KeyRing, KeyStatistics
 from .limits import LimitsSnapshot
 from .memory import MemorySampler
+from .offload import parse_body
 from .streaming import completion_stream
 from .supervisor import QueryHandle, Supervisor
 
@@ -94,10 +94,7 @@ def create_app(
     @app.post("/chat/completions")
     async def chat_completions() -> Any:
         raw = await request.get_data(cache=False, as_text=False)
-        # Off the event loop: a 10 MB body of small objects takes seconds to validate.
-        chat = await trio.to_thread.run_sync(
-            functools.partial(openai_api.parse_chat_request, raw, default_model=config.model)
-        )
+        chat = await parse_body(openai_api.parse_chat_request, raw, default_model=config.model)
         if not config.model_allowed(chat.model):
             raise openai_api.model_not_found(chat.model)
         if chat.stream:
@@ -119,9 +116,8 @@ def create_app(
     @app.post("/v1/responses")
     @app.post("/responses")
     async def responses() -> Any:
-        req = openai_responses.parse_request(
-            await request.get_data(cache=False, as_text=False), default_model=config.model
-        )
+        raw = await request.get_data(cache=False, as_text=False)
+        req = await parse_body(openai_responses.parse_request, raw, default_model=config.model)
         if not config.model_allowed(req.model):
             raise openai_api.model_not_found(req.model)
         if req.stream:
@@ -142,8 +138,8 @@ def create_app(
     # anthropic-beta headers are accepted and change nothing.
     @app.post("/v1/messages")
     async def messages() -> Any:
-        body = await request.get_data(cache=False, as_text=False)
-        parsed = anthropic_messages.parse_request(body, default_model=config.model)
+        raw = await request.get_data(cache=False, as_text=False)
+        parsed = await parse_body(anthropic_messages.parse_request, raw, default_model=config.model)
         core = parsed.core
         if not config.model_allowed(core.model):
             raise openai_api.model_not_found(core.model)
@@ -168,8 +164,9 @@ def create_app(
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens() -> Any:
-        body = await request.get_data(cache=False, as_text=False)
-        parsed = anthropic_messages.parse_request(body, default_model=config.model, counting=True)
+        raw = await request.get_data(cache=False, as_text=False)
+        parsed = await parse_body(anthropic_messages.parse_request, raw,
+                                  default_model=config.model, counting=True)
         if not config.model_allowed(parsed.core.model):
             raise openai_api.model_not_found(parsed.core.model)
         tokens = anthropic_messages.count_tokens(parsed)
