@@ -9,10 +9,17 @@ CLAUDE_DIR := .tools/claude
 CLAUDE := $(CLAUDE_DIR)/node_modules/.bin/claude
 # The openai npm package for the Node client test; npm ci writes this marker.
 NODE_CLIENT := tests/clients/node/node_modules/.package-lock.json
+# instructor in a virtualenv of its own (its jiter pin conflicts with the tests' openai).
+INSTRUCTOR := tests/clients/instructor/.venv/bin/instructor-installed
 
 .PHONY: install demo serve test test-under-load lint bench clean
 
-install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) system-packages
+install: $(BIN)/ccwrap-trio $(CLAUDE) $(NODE_CLIENT) $(INSTRUCTOR) system-packages
+
+$(INSTRUCTOR): tests/clients/instructor/requirements.txt
+	$(PYTHON) -m venv tests/clients/instructor/.venv
+	tests/clients/instructor/.venv/bin/pip install --quiet -r $<
+	touch $@
 
 # Debian's Chromium drives the status page test (tests/test_status_page.py); promtool (Debian's
 # prometheus) checks and unit-tests the alert rules (tests/test_deployment_files.py).
