@@ -11,7 +11,9 @@ size in 1,000-byte deltas), ``FAKE:hang-next-clear`` (the next ``/clear`` is nev
 ``FAKE:close-stdout`` (closes stdout, lives on), ``FAKE:cut-stream`` (the stream breaks off
 after 3 words and the result says that was all), ``FAKE:unstreamed-retry`` (the stream breaks
 off after 3 words, and the CLI's retry is not streamed: the result has the whole answer),
-``FAKE:streamed-retry`` (the same, but the retry streams the answer again from the start).
+``FAKE:streamed-retry`` (the same, but the retry streams the answer again from the start),
+``FAKE:vanish`` (exits at the turn without a word; so does the first turn after the file
+FAKE_CLAUDE_VANISH_FILE appears, which it removes).
 Every stdin line is appended to FAKE_CLAUDE_LOG when set. The answer is ``echo: <text>``,
 streamed in one delta per word.
 """
@@ -281,7 +283,14 @@ def main() -> int:
             continue
         if message.get("type") != "user":
             continue
-        if not answer(stdin, text_of(message["message"]["content"])):
+        text = text_of(message["message"]["content"])
+        vanish = os.environ.get("FAKE_CLAUDE_VANISH_FILE", "")
+        if "FAKE:vanish" in text or (vanish and os.path.exists(vanish)):
+            # Gone without a word of the turn, as a CLI killed a moment before it was sent.
+            if vanish and os.path.exists(vanish):
+                os.remove(vanish)
+            os._exit(137)
+        if not answer(stdin, text):
             return 0
 
 

@@ -326,3 +326,34 @@ async def test_a_stream_cut_off_upstream_is_an_error_not_a_short_answer(make_con
     assert not any(c.get("choices") and c["choices"][0].get("finish_reason") == "stop"
                    for c in chunks)
     assert fine.json()["choices"][0]["message"]["content"] == "echo: one two three"
+
+
+async def test_a_cli_gone_just_before_the_turn_is_replaced_and_the_request_served(
+    make_config: Any, tmp_path: Path
+) -> None:
+    """A CLI that dies between requests a moment before the next is sent (its exit not seen
+    yet) never said a word of that turn: the request is served by the next session, not a 502."""
+    vanish = tmp_path / "vanish"
+    config = make_config(env={"FAKE_CLAUDE_VANISH_FILE": str(vanish)})
+    async with running_server(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        assert (await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "warm"}]})).status_code == 200
+        for stream in (False, True):
+            vanish.touch()
+            response = await http.post("/v1/chat/completions", json={
+                "stream": stream, "messages": [{"role": "user", "content": "served anyway"}]})
+            assert response.status_code == 200, response.text
+            if stream:
+                chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                          if line.startswith("data: {")]
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            else:
+                text = response.json()["choices"][0]["message"]["content"]
+            assert text == "echo: served anyway"
+        # One that takes every CLI with it is tried on a second session, then answered 502.
+        poison = await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "FAKE:vanish"}]})
+        stats = (await http.get("/health")).json()["stats"]
+    assert poison.status_code == 502 and poison.json()["error"]["code"] == "cli_crashed"
+    assert stats["crash_restarts"] == 4 and stats["successes"] == 3
+    assert stats["total_errors"] == 1

@@ -92,6 +92,11 @@ class SessionCrashed(CcwrapError):
     """The CLI process died, or broke the protocol, during a turn."""
 
 
+class SessionLostBeforeTurn(SessionCrashed):
+    """The CLI was gone before it said a word of the turn (it died while idle, just before the
+    turn was written): nothing of the request ran, so another session may serve it."""
+
+
 class CliError(CcwrapError):
     """The CLI ended a turn with ``is_error``; its message says why (API error, logged out...)."""
 

@@ -40,6 +40,8 @@ class Query:
     # The dialect-free request (tools, tool_choice, model); None: plain text on the default model.
     request: CoreRequest | None = None
     first_token_at: float | None = None  # when the first text arrived (time to first token)
+    progressed: bool = False  # some progress went to the client (a replay could repeat it)
+    replayed: bool = False  # served again after its CLI was gone before the turn (once only)
     # Cancelled when the client gives up (timeout, disconnect): the worker interrupts the turn.
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     abandoned: str | None = None

@@ -27,6 +27,7 @@ from .errors import (
     InvalidToolCall,
     QueryTimeout,
     SessionCrashed,
+    SessionLostBeforeTurn,
 )
 from .limits import UpstreamState
 from .query import Query
@@ -84,6 +85,8 @@ class RequestRunner:
         self.active: Query | None = None  # the query being run
         # Set when a turn shows the session cannot go on (its context is full, /clear froze).
         self.recycle: Restart | None = None
+        # A query whose CLI was gone before its turn (SessionLostBeforeTurn): for the next one.
+        self.lost: Query | None = None
 
     async def run(self, session: SessionLike, query: Query) -> bool:
         """Run one query and reply to it; False if it never reached the CLI.
@@ -125,6 +128,16 @@ class RequestRunner:
                         "(CCWRAP_QUERY_TIMEOUT)"
                     ))
                 await self._abort_turn(session, query)
+        except SessionLostBeforeTurn as exc:
+            if query.progressed or query.replayed:
+                reply(query, exc)
+            else:
+                # Nothing of it ran or reached the client: the next session serves it (once).
+                query.replayed = True
+                query.scope = trio.CancelScope()  # a scope serves one run; abandon() cancels it
+                self.lost = query
+                log.warning("[WARN] CLI gone before the turn (%s); the next session serves "
+                            "request_id=%s", exc, query.request_id)
         except CcwrapError as exc:
             if isinstance(exc, ContextLengthExceeded) and self._config.isolation == "none":
                 # The accumulated conversation is full: only a new session helps.
@@ -303,6 +316,7 @@ class RequestRunner:
             if query.first_token_at is None and isinstance(progress, protocol.TextDelta):
                 query.first_token_at = trio.current_time()
             if forward:
+                query.progressed = True
                 # Unbounded channel: a slow client never blocks the session's reader.
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     query.reply.send_nowait(progress)

@@ -22,7 +22,7 @@ import trio
 
 from . import protocol, toolbridge
 from .core import Content, Tool, ToolCall, ToolCallDelta, ToolCallStart
-from .errors import SessionCrashed, SpawnFailed
+from .errors import SessionCrashed, SessionLostBeforeTurn, SpawnFailed
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +275,20 @@ class Session:
         self._busy = True
         state = self._turn_state = _TurnState()
         try:
-            await self._stdin.send_all(line)
-            while True:
+            try:
+                await self._stdin.send_all(line)
                 event = await self._read_event()
-                if isinstance(event, protocol.TurnResult):
-                    self._busy = False
-                    return state.finish(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, SessionCrashed) as exc:
+                # Gone before it said a word of this turn (it died just before): nothing ran.
+                self.broken = self.broken or "stdin closed"
+                raise SessionLostBeforeTurn(self.describe_exit()) from exc
+            while not isinstance(event, protocol.TurnResult):
                 progress = state.progress(event)
                 if on_progress is not None and progress is not None:
                     await on_progress(progress)
+                event = await self._read_event()
+            self._busy = False
+            return state.finish(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.broken = "stdin closed"
             raise SessionCrashed(self.describe_exit()) from exc

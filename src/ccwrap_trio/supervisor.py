@@ -290,7 +290,8 @@ class SessionWorker:
                     self._activity.served(trio.current_time() - served_at)
             if not session.alive:
                 kind = "timeout" if query.abandoned == "timeout" else "crash"
-                return Restart(kind, session.broken or session.describe_exit()), None
+                lost, self._runner.lost = self._runner.lost, None  # served by the next session
+                return Restart(kind, session.broken or session.describe_exit()), lost
 
     async def _restart_needed(self, session: SessionLike) -> Restart | None:
         config = self._config
