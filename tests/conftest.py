@@ -184,3 +184,18 @@ async def wait_for_health(
 @pytest.fixture(autouse=True)
 def _log_level(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ccwrap_trio")
+
+
+async def run_pytest_namespaced(unshare: list[str], script: str, inner: Path,
+                              env: dict[str, str]) -> str:
+    """Run pytest on ``inner`` in new namespaces (``unshare`` and its flags), after ``script``
+    (a shell line ending in ``exec "$@"``); its output, once every test in it passed."""
+    command = [*unshare, "sh", "-c", script, "namespaced",
+               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(inner)]
+    with trio.fail_after(300):
+        done = await trio.run_process(command, cwd=ROOT, env=env, check=False,
+                                      capture_stdout=True, capture_stderr=True)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 0, output[-6000:]
+    assert " passed" in output and "skipped" not in output, output[-2000:]
+    return output

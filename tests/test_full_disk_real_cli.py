@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import trio
+
+from .conftest import run_pytest_namespaced
 
 pytestmark = pytest.mark.real_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 INNER = Path(__file__).with_name("mountns_full_disk.py")
 MOUNT = 'mount -t tmpfs -o size=16m,mode=0700 tmpfs "$CCWRAP_TEST_FULL_DISK" && exec "$@"'
 
@@ -38,12 +37,6 @@ async def test_full_disk_in_a_private_mount_namespace(tmp_path: Path) -> None:
     if (why := _mount_namespace_works(disk)) is not None:
         pytest.skip(why)
     env = {**os.environ, "CCWRAP_TEST_FULL_DISK": str(disk)}
-    command = ["unshare", "-rm", "sh", "-c", MOUNT, "mountns",
-               sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(INNER)]
-    with trio.fail_after(300):
-        done = await trio.run_process(command, cwd=ROOT, env=env, check=False,
-                                      capture_stdout=True, capture_stderr=True)
-    output = (done.stdout + done.stderr).decode(errors="replace")
-    assert done.returncode == 0, output[-6000:]
-    assert "2 passed" in output and "skipped" not in output, output[-2000:]
+    output = await run_pytest_namespaced(["unshare", "-rm"], MOUNT, INNER, env)
+    assert "2 passed" in output
     assert not any(disk.iterdir())  # the tmpfs was the namespace's: the host saw nothing

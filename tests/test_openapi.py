@@ -170,7 +170,11 @@ def is_model_failure(case: schemathesis.Case, response: schemathesis.Response) -
     Documented behaviour (docs/openapi.yaml, CliFailed), not a server error; it is still checked
     against the document like any other answer.
     """
-    if response.status_code != 502 or not isinstance(case.body, dict):
+    if not isinstance(case.body, dict):
+        return False
+    if response.status_code == 500 and case.path == "/v1/messages":
+        return _is_messages_model_failure(case.body, response)
+    if response.status_code != 502:
         return False
     response_format = case.body.get("response_format")
     text = case.body.get("text")  # the Responses API's text.format
@@ -187,6 +191,22 @@ def is_model_failure(case: schemathesis.Case, response: schemathesis.Response) -
         and response_format.get("type") in ("json_object", "json_schema")
         and code == "invalid_structured_output"
     ) or (demanded and code == "invalid_tool_call")  # the fake echoes where a call is demanded
+
+
+def _is_messages_model_failure(body: dict[str, Any], response: schemathesis.Response) -> bool:
+    """The Messages API's form of the same: 500 ``api_error`` (the API's own status for it)."""
+    try:
+        error = json.loads(response.content)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if error.get("type") != "api_error":
+        return False
+    output_format, tool_choice = body.get("output_format"), body.get("tool_choice")
+    structured = isinstance(output_format, dict) and output_format.get("type") == "json_schema"
+    demanded = isinstance(tool_choice, dict) and tool_choice.get("type") in ("any", "tool")
+    message = str(error.get("message", ""))
+    return (structured and message.startswith("the answer did not validate")) or (
+        demanded and message.startswith("the model's answer did not fit"))
 
 
 @schema.parametrize()

@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import trio
+
+from .conftest import run_pytest_namespaced
 
 pytestmark = pytest.mark.real_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 INNER = Path(__file__).with_name("netns_usage_limits.py")
 
 
@@ -34,13 +33,4 @@ async def test_usage_limits_in_a_loopback_only_namespace() -> None:
     if (why := _unshare_works()) is not None:
         pytest.skip(why)
     env = {**os.environ, "CCWRAP_TEST_NETNS": "1"}
-    command = [
-        "unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "netns",
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(INNER),
-    ]
-    with trio.fail_after(300):
-        done = await trio.run_process(command, cwd=ROOT, env=env, check=False,
-                                      capture_stdout=True, capture_stderr=True)
-    output = (done.stdout + done.stderr).decode(errors="replace")
-    assert done.returncode == 0, output[-6000:]
-    assert " passed" in output and "skipped" not in output, output[-2000:]
+    await run_pytest_namespaced(["unshare", "-rn"], 'ip link set lo up && exec "$@"', INNER, env)
