@@ -278,10 +278,14 @@ class Session:
             try:
                 await self._stdin.send_all(line)
                 event = await self._read_event()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, SessionCrashed) as exc:
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # Gone before it said a word of this turn (it died just before): nothing ran.
-                self.broken = self.broken or "stdin closed"
+                self.broken = "stdin closed"
                 raise SessionLostBeforeTurn(self.describe_exit()) from exc
+            except SessionCrashed as exc:
+                if self.broken != "stdout closed":
+                    raise  # it did say something (a line over the limit)
+                raise SessionLostBeforeTurn(str(exc)) from exc
             while not isinstance(event, protocol.TurnResult):
                 progress = state.progress(event)
                 if on_progress is not None and progress is not None:
