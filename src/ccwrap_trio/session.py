@@ -437,8 +437,9 @@ class _TurnState:
                                        tool_calls=calls, model=self.model)
         if (not result.is_error and result.text.strip() and self.attempt_open
                 and "".join(self.attempt_text).strip() == result.text.strip()):
-            # The API's stream broke off mid-answer and the CLI (seen on 2.1.332, under load,
-            # after a malformed event) reported the partial text as the whole answer.
+            # Defensive: a result that is just the text of an API stream still open (no
+            # message_stop) would be a cut answer called complete. (What 2.1.332 really does
+            # after a malformed event: message_stop with abandoned_blocks, then a retry.)
             return dataclasses.replace(result, is_error=True, model=self.model, text=(
                 "the API's stream broke off mid-answer (no message_stop) and the CLI reported "
                 "the partial text as complete; retry the request"))
