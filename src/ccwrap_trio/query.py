@@ -135,8 +135,7 @@ class QueryHandle:
                     "the text already streamed; retry the request"
                 )
             if rest:
-                self._reconciler.seen += rest
-                self._result = item
+                self._result = item  # returned by the next call, after its missing text
                 return protocol.TextDelta(rest)
             return self._succeed(item)
         return item
